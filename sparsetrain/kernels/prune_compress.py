@@ -1,0 +1,388 @@
+"""One Triton pass that prunes a weight to transposable 2:4 and writes it compressed both ways.
+
+For an (m, k) fp16/bf16 matrix W, one program reads one 64 x 64 block (256 tiles of 4 x 4) and
+writes, in cuSPARSELt 0.8's sm90 layout (see `sparsetrain.sparse.layout_sm90`):
+  - W*mask compressed, as `torch._cslt_compress(W * mask)` returns it;
+  - (W*mask)^T compressed, as `torch._cslt_compress((W * mask).t().contiguous())` returns it;
+  - optionally the bool mask.
+The layout is built from 64 x 64 blocks whose metadata is one contiguous 512-byte chunk, so a
+program owns its block's outputs entirely: no atomics, no second pass.
+
+Where the mask comes from (MODE):
+  PRUNE  - the transposable pattern chosen exactly as `masks.mask_24_transposable(W.abs())`:
+           same 90 patterns in the same order, same float32 sums in the same order, first max.
+  MASK   - a given bool mask (2:4 per row, and per column when the transpose is written).
+  VALUES - W is already pruned: kept = nonzero, as `_cslt_compress` sees it.
+A group whose kept values are not all nonzero is stored as cuSPARSELt stores W*mask: its nonzeros
+plus the lowest-index zeros (the sign of a zero is the product's sign, as in `W * mask`).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MODE_PRUNE, MODE_MASK, MODE_VALUES = 0, 1, 2
+BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
+_TILES = BLOCK // 4
+# mask_24_transposable clamps scores to this so that a sum of 8 never overflows; so do we.
+_SCORE_BOUND = torch.finfo(torch.float32).max / 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Index helpers. Tiles of a block are numbered by (u, v) in 0..15, not by tile row/column (ti, tj):
+# u's bits are (ti bit 3, ti bit 1, ti bit 2, ti bit 0), likewise v for tj. In that order, the 8
+# nibbles of one 32-bit metadata word sit in sub-blocks that a reshape plus a sum can gather, for
+# the matrix (reduce over u bit 2 and v bits 1, 0) and for its transpose (u bits 1, 0 and v bit 2).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_of(u):
+    return (u & 8) | ((u >> 1) & 2) | ((u << 1) & 4) | (u & 1)
+
+
+@triton.jit
+def _bit(x, b: tl.constexpr):
+    return (x >> b) & 1
+
+
+@triton.jit
+def _nibble_inner(r, g):
+    """Position of the nibble of (row r, group g) inside its block's 1024-nibble chunk (sm90)."""
+    return (_bit(r, 3) | (_bit(g, 2) << 1) | (_bit(g, 0) << 2) | (_bit(g, 1) << 3) | (_bit(r, 0) << 4)
+            | (_bit(r, 1) << 5) | (_bit(r, 2) << 6) | (_bit(r, 4) << 7) | (_bit(r, 5) << 8) | (_bit(g, 3) << 9))
+
+
+@triton.jit
+def _store_meta_rows(meta_ptr, chunk_base, nib, r, g, T: tl.constexpr):
+    """Pack (T, T) nibbles of the matrix into 32-bit words and store them (8 nibbles a word)."""
+    inner = _nibble_inner(r, g)
+    part = nib.to(tl.uint32) << ((inner & 7) * 4).to(tl.uint32)
+    word = tl.reshape(part, (2, 2, 4, 4, 4))
+    word = tl.sum(tl.sum(word, axis=4), axis=1)
+    idx = tl.reshape(inner >> 3, (2, 2, 4, 4, 4))
+    idx = tl.max(tl.max(idx, axis=4), axis=1)
+    tl.store(meta_ptr + chunk_base + idx, word.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _store_meta_cols(meta_ptr, chunk_base, nib, r, g, T: tl.constexpr):
+    """Same for the transpose's nibbles, whose words gather over u bits 1, 0 and v bit 2."""
+    inner = _nibble_inner(r, g)
+    part = nib.to(tl.uint32) << ((inner & 7) * 4).to(tl.uint32)
+    word = tl.reshape(part, (4, 4, 2, 2, 4))
+    word = tl.sum(tl.sum(word, axis=3), axis=1)
+    idx = tl.reshape(inner >> 3, (4, 4, 2, 2, 4))
+    idx = tl.max(tl.max(idx, axis=3), axis=1)
+    tl.store(meta_ptr + chunk_base + idx, word.to(tl.int32, bitcast=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tile math.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_quad(ptr, rows, cols, row_stride, T: tl.constexpr):
+    """Four (T, T) tensors: elements (row, col + 0..3) of every tile, one 8-byte load each."""
+    offs = rows.to(tl.int64)[:, :, None] * row_stride + cols[:, :, None] + tl.arange(0, 4)[None, None, :]
+    x = tl.reshape(tl.load(ptr + offs), (T, T, 2, 2))
+    even, odd = tl.split(x)
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _score(x):
+    """|x| in float32, NaN and overflow handled as mask_24_transposable handles them."""
+    s = tl.abs(x.to(tl.float32))
+    s = tl.minimum(s, 4.253529586511731e37)  # _SCORE_BOUND; a literal keeps it a compile-time float
+    return tl.where(s != s, -4.253529586511731e37, s)
+
+
+@triton.jit
+def _pair_sum(s0, s1, s2, s3, P: tl.constexpr):
+    """Sum of the pair number P of (0,1),(0,2),(0,3),(1,2),(1,3),(2,3), lower column first."""
+    if P == 0:
+        r = s0 + s1
+    elif P == 1:
+        r = s0 + s2
+    elif P == 2:
+        r = s0 + s3
+    elif P == 3:
+        r = s1 + s2
+    elif P == 4:
+        r = s1 + s3
+    else:
+        r = s2 + s3
+    return r
+
+
+@triton.jit
+def _pair_bits(P: tl.constexpr):
+    """Column bit set (bit c = column c) of pair P."""
+    if P == 0:
+        r: tl.constexpr = 3
+    elif P == 1:
+        r: tl.constexpr = 5
+    elif P == 2:
+        r: tl.constexpr = 9
+    elif P == 3:
+        r: tl.constexpr = 6
+    elif P == 4:
+        r: tl.constexpr = 10
+    else:
+        r: tl.constexpr = 12
+    return r
+
+
+@triton.jit
+def _best_pattern(s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33):
+    """Keep-bits (bit 4a+c = row a, column c) of the best transposable pattern of every tile.
+
+    Walks the 90 patterns in mask_24_transposable's order (lexicographic in the 4 pair indices,
+    only those with 2 per column) with a strict '>' so that the first maximum wins, and adds
+    exactly as it does: pair sums per row, then ((row0 + row1) + row2) + row3.
+    """
+    best = tl.full(s00.shape, float("-inf"), tl.float32)
+    best_bits = tl.zeros(s00.shape, tl.int32)
+    for p0 in tl.static_range(6):
+        r0 = _pair_sum(s00, s01, s02, s03, p0)
+        for p1 in tl.static_range(6):
+            t1 = r0 + _pair_sum(s10, s11, s12, s13, p1)
+            for p2 in tl.static_range(6):
+                t2 = t1 + _pair_sum(s20, s21, s22, s23, p2)
+                for p3 in tl.static_range(6):
+                    b0: tl.constexpr = _pair_bits(p0)
+                    b1: tl.constexpr = _pair_bits(p1)
+                    b2: tl.constexpr = _pair_bits(p2)
+                    b3: tl.constexpr = _pair_bits(p3)
+                    # 2 per column <=> the 8 column bits, counted per column, are all 2:
+                    # since each row holds 2, it suffices that no column is hit 3+ times or 0 times.
+                    c0: tl.constexpr = (b0 & 1) + (b1 & 1) + (b2 & 1) + (b3 & 1)
+                    c1: tl.constexpr = ((b0 >> 1) & 1) + ((b1 >> 1) & 1) + ((b2 >> 1) & 1) + ((b3 >> 1) & 1)
+                    c2: tl.constexpr = ((b0 >> 2) & 1) + ((b1 >> 2) & 1) + ((b2 >> 2) & 1) + ((b3 >> 2) & 1)
+                    c3: tl.constexpr = ((b0 >> 3) & 1) + ((b1 >> 3) & 1) + ((b2 >> 3) & 1) + ((b3 >> 3) & 1)
+                    if c0 == 2 and c1 == 2 and c2 == 2 and c3 == 2:
+                        total = t2 + _pair_sum(s30, s31, s32, s33, p3)
+                        better = total > best
+                        best = tl.where(better, total, best)
+                        bits: tl.constexpr = b0 | (b1 << 4) | (b2 << 8) | (b3 << 12)
+                        best_bits = tl.where(better, bits, best_bits)
+    return best_bits
+
+
+@triton.jit
+def _positions(k0, k1, k2, k3, z0, z1, z2, z3):
+    """Stored slots (i, j) of a group: its kept nonzeros, then the lowest-index other slots.
+
+    k: kept (0/1), z: value is zero (0/1). With two kept nonzeros this is just the two kept slots.
+    """
+    n0 = k0 & (1 - z0)
+    n1 = k1 & (1 - z1)
+    n2 = k2 & (1 - z2)
+    n3 = k3 & (1 - z3)
+    total = n0 + n1 + n2 + n3
+    # A slot is stored if fewer than 2 slots beat it (nonzero beats zero, then lower index wins).
+    c0 = (n0 == 1) | (total < 2)
+    c1 = (n1 == 1) | (total + (1 - n0) < 2)
+    c2 = (n2 == 1) | (total + (1 - n0) + (1 - n1) < 2)
+    c3 = (n3 == 1) | (total + (1 - n0) + (1 - n1) + (1 - n2) < 2)
+    i = tl.where(c0, 0, tl.where(c1, 1, 2))
+    j = tl.where(c3, 3, tl.where(c2, 2, 1))
+    return i, j
+
+
+@triton.jit
+def _pick(x0, x1, x2, x3, i):
+    return tl.where(i == 0, x0, tl.where(i == 1, x1, tl.where(i == 2, x2, x3)))
+
+
+@triton.jit
+def _kept_value(x, k):
+    # W * mask: a pruned entry is a zero carrying x's sign (and NaN stays NaN), as torch computes it.
+    return tl.where(k == 1, x, x * 0.0)
+
+
+@triton.jit
+def _pack_pair(lo, hi):
+    """Two 16-bit values as one 32-bit word, the first in the low half (little-endian order)."""
+    lo16 = lo.to(tl.uint16, bitcast=True).to(tl.uint32)
+    hi16 = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (lo16 | (hi16 << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _group_out(x0, x1, x2, x3, k0, k1, k2, k3):
+    """Values word and nibble of one group of 4 (a row of a tile, or a column of it)."""
+    y0 = _kept_value(x0, k0)
+    y1 = _kept_value(x1, k1)
+    y2 = _kept_value(x2, k2)
+    y3 = _kept_value(x3, k3)
+    i, j = _positions(k0, k1, k2, k3, (y0 == 0).to(tl.int32), (y1 == 0).to(tl.int32),
+                      (y2 == 0).to(tl.int32), (y3 == 0).to(tl.int32))
+    word = _pack_pair(_pick(y0, y1, y2, y3, i), _pick(y0, y1, y2, y3, j))
+    return word, i | (j << 2)
+
+
+@triton.jit
+def _keep_bits_of(bits, a: tl.constexpr):
+    return _bit(bits, 4 * a), _bit(bits, 4 * a + 1), _bit(bits, 4 * a + 2), _bit(bits, 4 * a + 3)
+
+
+@triton.jit
+def _row_out(vals_ptr, meta_ptr, chunk_base, x0, x1, x2, x3, k0, k1, k2, k3,
+             grow, ggroup, lrow, lgroup, K, T: tl.constexpr):
+    """Write row-group outputs of the matrix for one row a of every tile."""
+    word, nib = _group_out(x0, x1, x2, x3, k0, k1, k2, k3)
+    tl.store(vals_ptr + grow.to(tl.int64) * (K // 4) + ggroup, word)
+    _store_meta_rows(meta_ptr, chunk_base, nib, lrow, lgroup, T)
+
+
+@triton.jit
+def _col_out(vals_ptr, meta_ptr, chunk_base, x0, x1, x2, x3, k0, k1, k2, k3,
+             gcol, ggroup, lcol, lgroup, M, T: tl.constexpr):
+    """Write the transpose's outputs for one column b of every tile (row b of the transposed tile)."""
+    word, nib = _group_out(x0, x1, x2, x3, k0, k1, k2, k3)
+    tl.store(vals_ptr + gcol.to(tl.int64) * (M // 4) + ggroup, word)
+    _store_meta_cols(meta_ptr, chunk_base, nib, lcol, lgroup, T)
+
+
+@triton.jit
+def _store_mask_row(mask_ptr, grow, ggroup, K, k0, k1, k2, k3):
+    word = k0 | (k1 << 8) | (k2 << 16) | (k3 << 24)
+    tl.store(mask_ptr + grow.to(tl.int64) * (K // 4) + ggroup, word)
+
+
+@triton.jit
+def _load_keep(mask_ptr, rows, cols, K, T: tl.constexpr):
+    m0, m1, m2, m3 = _load_quad(mask_ptr, rows, cols, K, T)
+    return (m0 != 0).to(tl.int32), (m1 != 0).to(tl.int32), (m2 != 0).to(tl.int32), (m3 != 0).to(tl.int32)
+
+
+@triton.jit
+def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr, M, K,
+                           MODE: tl.constexpr, WRITE_T: tl.constexpr, WRITE_MASK: tl.constexpr):
+    T: tl.constexpr = 16  # tiles per block side
+    bi = tl.program_id(0)
+    bj = tl.program_id(1)
+    ti = _tile_of(tl.arange(0, T))[:, None]  # (T, 1): tile row of u
+    tj = _tile_of(tl.arange(0, T))[None, :]  # (1, T): tile column of v
+    row0 = bi * 64 + 4 * ti
+    col0 = bj * 64 + 4 * tj
+
+    x00, x01, x02, x03 = _load_quad(w_ptr, row0 + 0, col0, K, T)
+    x10, x11, x12, x13 = _load_quad(w_ptr, row0 + 1, col0, K, T)
+    x20, x21, x22, x23 = _load_quad(w_ptr, row0 + 2, col0, K, T)
+    x30, x31, x32, x33 = _load_quad(w_ptr, row0 + 3, col0, K, T)
+
+    if MODE == 0:
+        bits = _best_pattern(_score(x00), _score(x01), _score(x02), _score(x03),
+                             _score(x10), _score(x11), _score(x12), _score(x13),
+                             _score(x20), _score(x21), _score(x22), _score(x23),
+                             _score(x30), _score(x31), _score(x32), _score(x33))
+        k00, k01, k02, k03 = _keep_bits_of(bits, 0)
+        k10, k11, k12, k13 = _keep_bits_of(bits, 1)
+        k20, k21, k22, k23 = _keep_bits_of(bits, 2)
+        k30, k31, k32, k33 = _keep_bits_of(bits, 3)
+    elif MODE == 1:
+        k00, k01, k02, k03 = _load_keep(mask_in_ptr, row0 + 0, col0, K, T)
+        k10, k11, k12, k13 = _load_keep(mask_in_ptr, row0 + 1, col0, K, T)
+        k20, k21, k22, k23 = _load_keep(mask_in_ptr, row0 + 2, col0, K, T)
+        k30, k31, k32, k33 = _load_keep(mask_in_ptr, row0 + 3, col0, K, T)
+    else:
+        one = tl.full(ti.shape, 1, tl.int32) + tl.zeros(tj.shape, tl.int32)
+        k00, k01, k02, k03 = one, one, one, one
+        k10, k11, k12, k13 = one, one, one, one
+        k20, k21, k22, k23 = one, one, one, one
+        k30, k31, k32, k33 = one, one, one, one
+
+    # The matrix: row a of each tile is a group; values are word-addressed (2 values a word).
+    vals_ptr = out_ptr
+    meta_ptr = out_ptr + M * (K // 4)  # metadata words start after m*k/2 values
+    chunk = (bi * (K // 64) + bj) * 128
+    grp = bj * 16 + tj
+    _row_out(vals_ptr, meta_ptr, chunk, x00, x01, x02, x03, k00, k01, k02, k03, row0 + 0, grp, 4 * ti + 0, tj, K, T)
+    _row_out(vals_ptr, meta_ptr, chunk, x10, x11, x12, x13, k10, k11, k12, k13, row0 + 1, grp, 4 * ti + 1, tj, K, T)
+    _row_out(vals_ptr, meta_ptr, chunk, x20, x21, x22, x23, k20, k21, k22, k23, row0 + 2, grp, 4 * ti + 2, tj, K, T)
+    _row_out(vals_ptr, meta_ptr, chunk, x30, x31, x32, x33, k30, k31, k32, k33, row0 + 3, grp, 4 * ti + 3, tj, K, T)
+
+    if WRITE_T:
+        # The transpose (k, m): column b of each tile is a group; its block is (bj, bi).
+        vals_t_ptr = out_t_ptr
+        meta_t_ptr = out_t_ptr + K * (M // 4)
+        chunk_t = (bj * (M // 64) + bi) * 128
+        grp_t = bi * 16 + ti
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x00, x10, x20, x30, k00, k10, k20, k30, col0 + 0, grp_t, 4 * tj + 0, ti, M, T)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x01, x11, x21, x31, k01, k11, k21, k31, col0 + 1, grp_t, 4 * tj + 1, ti, M, T)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x02, x12, x22, x32, k02, k12, k22, k32, col0 + 2, grp_t, 4 * tj + 2, ti, M, T)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x03, x13, x23, x33, k03, k13, k23, k33, col0 + 3, grp_t, 4 * tj + 3, ti, M, T)
+
+    if WRITE_MASK:
+        _store_mask_row(mask_out_ptr, row0 + 0, grp, K, k00, k01, k02, k03)
+        _store_mask_row(mask_out_ptr, row0 + 1, grp, K, k10, k11, k12, k13)
+        _store_mask_row(mask_out_ptr, row0 + 2, grp, K, k20, k21, k22, k23)
+        _store_mask_row(mask_out_ptr, row0 + 3, grp, K, k30, k31, k32, k33)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side.
+# ----------------------------------------------------------------------------------------------
+def _check(w: torch.Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"prune_compress needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+    m, k = w.shape
+    if m % BLOCK or k % BLOCK:
+        raise ValueError(f"the sm90 layout needs both dims to be multiples of {BLOCK}, got {m}x{k}; "
+                         "leave this layer dense or use the torch-op route")
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"prune_compress handles fp16/bf16 only, got {w.dtype}; cast the weight first")
+
+
+def _compressed_empty(m: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    # Same shape as torch._cslt_compress returns on sm90: (m, k/2 + k/16) elements.
+    return torch.empty(m, k // 2 + k // 16, dtype=like.dtype, device=like.device)
+
+
+def _launch(w, mask, mode, transposed, want_mask):
+    _check(w)
+    w = w.contiguous()
+    m, k = w.shape
+    out = _compressed_empty(m, k, w)
+    out_t = _compressed_empty(k, m, w) if transposed else out
+    mask_out = torch.empty(m, k, dtype=torch.bool, device=w.device) if want_mask else out
+    mask_in = w
+    if mode == MODE_MASK:
+        if mask is None or mask.shape != w.shape:
+            raise ValueError(f"the mask must have the weight's shape {tuple(w.shape)}")
+        mask_in = mask.contiguous().view(torch.uint8)
+    grid = (m // BLOCK, k // BLOCK)
+    _prune_compress_kernel[grid](
+        w, mask_in, out.view(torch.int32), out_t.view(torch.int32),
+        mask_out.view(torch.int32) if want_mask else out.view(torch.int32), m, k,
+        MODE=mode, WRITE_T=transposed, WRITE_MASK=want_mask, num_warps=4)
+    return out, (out_t if transposed else None), (mask_out if want_mask else None)
+
+
+def prune_compress_transposable(w: torch.Tensor, want_mask: bool = True):
+    """Transposable 2:4 mask by |w| (== masks.mask_24_transposable(w.abs())), compressed both ways.
+
+    Returns (c, c_t, mask): c == torch._cslt_compress(w * mask) and
+    c_t == torch._cslt_compress((w * mask).t().contiguous()) bit for bit on sm90; mask is None
+    unless asked for.
+    """
+    return _launch(w, None, MODE_PRUNE, True, want_mask)
+
+
+def compress_masked(w: torch.Tensor, mask: torch.Tensor, transposed: bool = True):
+    """Compress w * mask (and its transpose) for a given 2:4 mask; the transpose needs it transposable.
+
+    Returns (c, c_t or None). Same bits as torch._cslt_compress of w * mask (and of its transpose).
+    """
+    c, c_t, _ = _launch(w, mask, MODE_MASK, transposed, False)
+    return c, c_t
+
+
+def compress_pruned(w_masked: torch.Tensor, transposed: bool = True):
+    """Drop-in for torch._cslt_compress(w_masked) (and of w_masked.t().contiguous()) in one pass.
+
+    w_masked already holds at most 2 nonzeros per group of 4 (and per column group when transposed).
+    """
+    c, c_t, _ = _launch(w_masked, None, MODE_VALUES, transposed, False)
+    return c, c_t

@@ -1,0 +1,150 @@
+"""Autograd functions of 2:4-sparse linears: sparse weights, or sparse input activations.
+
+Both compute in the dtype they are given (autocast is switched off inside, so the caller's cast
+is the one that counts) and run their GEMMs through a `Backend`.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from sparsetrain.sparse.backends import Backend
+from sparsetrain.sparse.masks import mask_24, mask_24_transposable
+
+GRAD_MODES = ("ste", "masked", "srste")
+
+
+def _autocast_off(t: Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _bias_grad(gy2d: Tensor, bias_dtype: torch.dtype) -> Tensor:
+    # Summing thousands of bf16 rows in bf16 loses the small ones.
+    return gy2d.sum(0, dtype=torch.float32).to(bias_dtype)
+
+
+def _weight_grad(gy2d: Tensor, x2d: Tensor, mask: Tensor, weight: Tensor, grad_mode: str,
+                 srste_lambda: float) -> Tensor:
+    dense = gy2d.t() @ x2d
+    if grad_mode == "masked":
+        return dense.masked_fill(~mask, 0)
+    if grad_mode == "srste":
+        # SR-STE (Zhou et al. 2021): decay the pruned weights so the mask settles.
+        return dense + srste_lambda * weight.masked_fill(mask, 0)
+    return dense
+
+
+class _WeightSparseLinear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, backend, grad_mode, srste_lambda):
+        need_x_grad, need_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x2d = x.reshape(-1, x.shape[-1])
+        with _autocast_off(x):
+            y2d, backend_ctx = backend.linear(x2d, weight.masked_fill(~mask, 0), need_input_grad=need_x_grad)
+            if bias is not None:
+                y2d = y2d + bias.to(y2d.dtype)
+        ctx.backend, ctx.grad_mode, ctx.srste_lambda = backend, grad_mode, srste_lambda
+        ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        ctx.save_for_backward(
+            x2d if need_w_grad else None,
+            mask if need_w_grad and grad_mode != "ste" else None,
+            weight if need_w_grad and grad_mode == "srste" else None,
+            backend_ctx,
+        )
+        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2d, mask, weight, backend_ctx = ctx.saved_tensors
+        gy2d = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_w = grad_b = None
+        with _autocast_off(gy):
+            if ctx.needs_input_grad[0]:
+                grad_x = ctx.backend.input_grad(gy2d, backend_ctx).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = _weight_grad(gy2d, x2d, mask, weight, ctx.grad_mode, ctx.srste_lambda)
+            if ctx.needs_input_grad[2]:
+                grad_b = _bias_grad(gy2d, ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _check_operands(x: Tensor, weight: Tensor) -> None:
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but weight is {tuple(weight.shape)} (out, in); "
+                         "pass x with in_features as its last dim")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; cast both to the compute dtype "
+                         "before calling (SparseLinear does this under autocast)")
+
+
+def weight_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, backend: Backend,
+                         grad_mode: str = "ste", srste_lambda: float = 0.0) -> Tensor:
+    """Y = X @ (W * mask)^T + b for x (..., in), weight (out, in), mask bool (out, in).
+
+    dX = dY @ W_s through `backend.input_grad`. dW is dense dY^T @ X ("ste"), that times the mask
+    ("masked": the true gradient of the masked layer), or "ste" plus srste_lambda * (1 - mask) * W
+    ("srste"; srste_lambda is used by that mode only).
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode={grad_mode!r} is not one of {GRAD_MODES}; ste is the usual choice")
+    if mask.dtype != torch.bool or mask.shape != weight.shape:
+        raise ValueError(f"mask must be bool with the weight's shape {tuple(weight.shape)}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}; build it with mask_24(weight.abs())")
+    _check_operands(x, weight)
+    return _WeightSparseLinear.apply(x, weight, bias, mask, backend, grad_mode, srste_lambda)
+
+
+def _activation_mask(x2d: Tensor, transposable: bool) -> Tensor:
+    scores = x2d.abs()
+    if not transposable:
+        return mask_24(scores)
+    rows = x2d.shape[0]
+    # A ragged last batch gets zero rows so its tiles are complete; the kept part stays 2:4 both ways.
+    return mask_24_transposable(F.pad(scores, (0, 0, 0, -rows % 4)))[:rows]
+
+
+class _ActivationSparseLinear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, backend, transposable):
+        need_x_grad, need_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x2d = x.reshape(-1, x.shape[-1])
+        mask = _activation_mask(x2d, transposable)
+        x_sparse = x2d.masked_fill(~mask, 0)
+        with _autocast_off(x):
+            y2d = backend.sparse_input_linear(x_sparse, weight)
+            if bias is not None:
+                y2d = y2d + bias.to(y2d.dtype)
+        ctx.backend, ctx.transposable = backend, transposable
+        ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        ctx.save_for_backward(
+            x_sparse if need_w_grad else None,
+            mask if need_x_grad else None,
+            weight if need_x_grad else None,
+        )
+        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x_sparse, mask, weight = ctx.saved_tensors
+        gy2d = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_w = grad_b = None
+        with _autocast_off(gy):
+            if ctx.needs_input_grad[0]:
+                grad_x = (gy2d @ weight).masked_fill(~mask, 0).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = ctx.backend.sparse_input_weight_grad(gy2d, x_sparse, ctx.transposable)
+            if ctx.needs_input_grad[2]:
+                grad_b = _bias_grad(gy2d, ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def activation_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: Backend,
+                             transposable: bool = False) -> Tensor:
+    """Y = X_s @ W^T + b, where X_s keeps the 2 largest |x| of every 4 features of each token.
+
+    Meant for the second MLP linear after a Squared-ReLU, whose inputs are mostly zero already.
+    dX is dense dY @ W, masked (the true gradient); dW = dY^T @ X_s. transposable=True picks a
+    4x4-tile transposable mask over (tokens, features), so dW can run sparse on X_s^T too.
+    """
+    _check_operands(x, weight)
+    return _ActivationSparseLinear.apply(x, weight, bias, backend, transposable)

@@ -1,0 +1,175 @@
+"""train(cfg): build everything from the composed Hydra config, fit, and write summary.json."""
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from sparsetrain.sparse.config import config_from_dict
+from sparsetrain.sparse.schedules import PruneSchedule
+from sparsetrain.sparse.sparsify import layer_table, sparsify_
+from sparsetrain.training.callbacks import LayerReport, SparsityScheduler, Throughput, merge_records
+from sparsetrain.training.checkpoints import (AtomicCheckpointIO, check_compatible, find_resume_checkpoint,
+                                              load_checkpoint_file)
+from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
+from sparsetrain.training.module import SparseClassifier
+
+log = logging.getLogger("sparsetrain")
+
+SPARSIFY_KEYS = ("include", "exclude")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the fix."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Catch impossible values before anything is built, one clear line each."""
+    lr = cfg.optim.get("lr")
+    if lr is None or not lr > 0:
+        raise ConfigError(f"optim.lr={lr} must be > 0, e.g. optim.lr=1e-3")
+    if cfg.optim.get("weight_decay", 0) < 0:
+        raise ConfigError(f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0")
+    if cfg.data.get("batch_size", 1) < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    level = cfg.sparsity.get("sparsity")
+    if level is not None and not 0 <= level < 1:
+        raise ConfigError(f"sparsity.sparsity={level} must be in [0, 1), e.g. sparsity.sparsity=0.9")
+    if cfg.nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
+    if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):
+        raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
+
+
+def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
+    """Apply the recipe's `sparsity:` section; returns one record per linear/conv layer."""
+    opts = OmegaConf.to_container(sparsity_cfg, resolve=True)
+    include = tuple(opts.pop("include", ["*"]))
+    exclude = tuple(opts.pop("exclude", []))
+    config = config_from_dict(opts)
+    return sparsify_(model, config, include=include, exclude=exclude)
+
+
+def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
+    if trainer_cfg.max_steps not in (None, -1):
+        return int(trainer_cfg.max_steps)
+    return int(trainer_cfg.max_epochs) * steps_per_epoch
+
+
+def build_schedule(schedule_cfg: DictConfig, sparsity_cfg: DictConfig, steps: int) -> PruneSchedule:
+    opts = OmegaConf.to_container(schedule_cfg, resolve=True)
+    opts.setdefault("total_steps", steps)
+    if opts.get("total_steps") is None:
+        opts["total_steps"] = steps
+    if "target" not in opts:
+        opts["target"] = sparsity_cfg.get("sparsity", 0.5)
+    return PruneSchedule(**opts)
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    return {"recipe": cfg.get("recipe_name"), "model": cfg.model.name, "pattern": cfg.sparsity.pattern}
+
+
+def train(cfg: DictConfig) -> dict:
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = find_resume_checkpoint(run_dir, cfg.resume)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    records = build_sparsity(model, cfg.sparsity)
+    module = SparseClassifier(
+        model, num_classes=cfg.data.num_classes, optimizer=instantiate(cfg.optim),
+        sched=OmegaConf.to_container(cfg.sched, resolve=True), nonfinite=cfg.nonfinite,
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        subnet_levels=cfg.sparsity.get("subnet_levels"), subnet_weights=cfg.sparsity.get("subnet_weights"))
+    identity = run_identity(cfg)
+    if ckpt_path is not None:
+        check_compatible(load_checkpoint_file(ckpt_path), module.state_dict(), identity,
+                         cfg.force_resume, ckpt_path)
+
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    throughput = Throughput()
+    callbacks = build_callbacks(cfg, run_dir, records, throughput, datamodule)
+    loggers = build_loggers(cfg.logger, run_dir, run_label=f"{cfg.get('recipe_name')}/{run_dir.name}")
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          plugins=[AtomicCheckpointIO()])
+    module.checkpoint_identity = identity
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    summary = write_summary(cfg, run_dir, trainer, module, records, throughput, time.time() - started)
+    hint = wandb_sync_hint(run_dir) if "wandb" in (cfg.logger or {}) else ""
+    if hint and trainer.is_global_zero:
+        print(f"wandb ran offline; to upload: {hint}")
+    return summary
+
+
+def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
+    steps_per_epoch = estimate_steps_per_epoch(cfg, datamodule)
+    schedule = build_schedule(cfg.prune_schedule, cfg.sparsity, total_steps(cfg.trainer, steps_per_epoch))
+    ccfg = cfg.callbacks
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+        save_last=True, save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor,
+        mode=ccfg.checkpoint.mode, every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
+        every_n_epochs=ccfg.checkpoint.every_n_epochs)
+    callbacks = [SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every), throughput,
+                 LayerReport(run_dir, records), checkpoint]
+    if ccfg.progress_bar:
+        callbacks.append(RichProgressBar() if _is_terminal() else TQDMProgressBar(refresh_rate=50))
+    return callbacks
+
+
+def estimate_steps_per_epoch(cfg, datamodule) -> int:
+    datamodule.setup("fit")
+    n = len(datamodule.train_dataloader())
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        n = min(n, limit)
+    elif isinstance(limit, float):
+        n = max(1, int(n * limit))
+    return max(1, n)
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+def write_summary(cfg, run_dir: Path, trainer, module, records, throughput, seconds) -> dict:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    layers = merge_records(records, layer_table(module.model))
+    summary = {
+        "recipe": cfg.get("recipe_name"),
+        "run_dir": str(run_dir),
+        "metrics": metrics,
+        "objective": metrics.get(cfg.objective),
+        "global_step": int(trainer.global_step),
+        "epoch": int(trainer.current_epoch),
+        "images_per_second": throughput.images_per_second,
+        "wall_seconds": round(seconds, 1),
+        "skipped_steps": module.skipped_steps,
+        "layers": [{k: r.get(k) for k in ("name", "shape", "pattern", "backend", "measured_sparsity", "reason")}
+                   for r in layers],
+        "config": str(run_dir / "config.yaml"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+    return summary
+
+
+def _jsonable(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return str(x)

@@ -1,0 +1,141 @@
+"""Lightning callbacks: drive the pruning schedule, report layers, measure throughput, write summary.json."""
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from sparsetrain.sparse.schedules import PruneSchedule
+from sparsetrain.sparse.sparsify import layer_table, mask_checksum, sparse_modules
+
+log = logging.getLogger("sparsetrain")
+
+PHASE_CODES = {"dense_warmup": 0, "pruning": 1, "sparse": 2, "dense_finetune": 3}
+
+
+class SparsityScheduler(L.Callback):
+    """Applies PruneSchedule.phase(step) to every sparse layer before each training step.
+
+    Masks are computed from the weights every rank holds after the synchronized optimizer step, so
+    DDP ranks agree without communication; `mask_checksum` is logged to prove it.
+    """
+
+    def __init__(self, schedule: PruneSchedule, log_every: int = 50):
+        self.schedule = schedule
+        self.log_every = max(1, int(log_every))
+        self.last_flip_rate: Optional[float] = None
+        self.phase_name = "dense_warmup"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        phase = self.schedule.phase(step)
+        self.phase_name = phase.name
+        flips = []
+        for _, module in sparse_modules(pl_module.model):
+            module.set_active(phase.active)
+            module.set_mask_frozen(phase.frozen)
+            if phase.active and phase.level is not None:
+                module.set_level(phase.level)
+            if phase.active and phase.update_mask:
+                flips.append(module.update_mask(step=step))
+        if flips:
+            self.last_flip_rate = float(sum(flips) / len(flips))
+        pl_module.log("sparsity/phase", float(PHASE_CODES[phase.name]))
+        if phase.level is not None:
+            pl_module.log("sparsity/level", float(phase.level))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.log_every and step != 1:
+            return
+        if self.last_flip_rate is not None:
+            pl_module.log("sparsity/flip_rate", self.last_flip_rate)
+        for row in layer_table(pl_module.model):
+            if row["pattern"] != "dense":
+                pl_module.log(f"sparsity/layer/{row['name']}", float(row["measured_sparsity"]))
+        pl_module.log("sparsity/mask_checksum", float(mask_checksum(pl_module.model) % (1 << 24)))
+
+
+class Throughput(L.Callback):
+    """Images per second over training batches, after `warmup` steps (compilation, cudnn autotune)."""
+
+    def __init__(self, warmup: int = 5):
+        self.warmup = warmup
+        self.images = 0
+        self.seconds = 0.0
+        self._t0 = None
+        self._steps = 0
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._steps += 1
+        if self._steps > self.warmup:
+            self._sync(pl_module)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is None:
+            return
+        self._sync(pl_module)
+        dt = time.perf_counter() - self._t0
+        self._t0 = None
+        self.seconds += dt
+        n = batch[0].shape[0]
+        self.images += n
+        pl_module.log("perf/images_per_s", n / dt)
+        if pl_module.device.type == "cuda":
+            pl_module.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
+
+    @property
+    def images_per_second(self) -> Optional[float]:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+class LayerReport(L.Callback):
+    """Prints the per-layer table at start and saves it as <run_dir>/layers.json."""
+
+    def __init__(self, run_dir: Path, records: list):
+        self.run_dir = Path(run_dir)
+        self.records = records
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module):
+        rows = merge_records(self.records, layer_table(pl_module.model))
+        print_layer_table(rows)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "layers.json").write_text(json.dumps(rows, indent=1))
+
+
+def merge_records(records: list, table: list) -> list:
+    """The sparsifier's decisions (incl. layers left dense and why) joined with measured sparsity."""
+    measured = {row["name"]: row for row in table}
+    rows = []
+    for rec in records:
+        row = dict(rec)
+        row.update({k: v for k, v in measured.get(rec["name"], {}).items() if k not in row or v is not None})
+        rows.append(row)
+    return rows
+
+
+def print_layer_table(rows: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="layers (pattern / backend / why)", show_lines=False)
+    for col in ("layer", "shape", "pattern", "backend", "sparsity", "reason"):
+        table.add_column(col)
+    for r in rows:
+        sparsity = r.get("measured_sparsity")
+        table.add_row(r["name"], "x".join(map(str, r.get("shape", ()))), r.get("pattern", "dense"),
+                      str(r.get("backend") or "-"), "-" if sparsity is None else f"{sparsity:.2f}",
+                      r.get("reason") or "")
+    n_sparse = sum(r.get("pattern", "dense") != "dense" for r in rows)
+    Console().print(table)
+    Console().print(f"{n_sparse} of {len(rows)} linear/conv layers are sparse; the rest run dense.")

@@ -1,0 +1,61 @@
+"""Loggers from the `logger` config group. wandb runs offline unless credentials exist, and keeps one
+run id per run directory so that a resumed run continues the same wandb run."""
+import netrc
+import os
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run id stored in the run directory (created once)."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(logger_cfg: DictConfig, run_dir: Path, run_label: str) -> list:
+    loggers = []
+    for key, cfg in (logger_cfg or {}).items():
+        if key == "wandb":
+            loggers.append(_build_wandb(cfg, run_dir, run_label))
+        else:
+            loggers.append(instantiate(cfg))
+    return loggers
+
+
+def _build_wandb(cfg: DictConfig, run_dir: Path, run_label: str):
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise ImportError("logger=wandb needs wandb: pip install -e '.[wandb]', or use logger=csv") from e
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    offline = cfg.pop("offline", None)
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_credentials_present()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    cfg.update(offline=offline, id=wandb_run_id(run_dir), name=run_label, resume="allow")
+    return instantiate(cfg)
+
+
+def wandb_sync_hint(run_dir: Path) -> str:
+    runs = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+    if not runs:
+        return ""
+    return f"wandb sync {' '.join(str(r) for r in runs)}"

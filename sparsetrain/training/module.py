@@ -1,0 +1,152 @@
+"""The LightningModule: an image classifier whose layers may be sparse.
+
+It knows nothing about how sparsity is computed; the sparse modules inside `model` carry their own
+state, and the SparsityScheduler callback drives them.
+"""
+import functools
+import logging
+from typing import Callable, Optional, Sequence
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from sparsetrain.training.lr import lr_multiplier
+
+log = logging.getLogger("sparsetrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class SparseClassifier(L.LightningModule):
+    def __init__(self, model: nn.Module, num_classes: int, optimizer: Callable, sched: dict,
+                 label_smoothing: float = 0.0, nonfinite: str = "stop",
+                 subnet_levels: Optional[Sequence[float]] = None,
+                 subnet_weights: Optional[Sequence[float]] = None):
+        super().__init__()
+        if nonfinite not in ("skip", "stop"):
+            raise ValueError(f"nonfinite={nonfinite!r}: use skip or stop")
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.sched = dict(sched)
+        self.label_smoothing = label_smoothing
+        self.nonfinite = nonfinite
+        self.subnet_levels = list(subnet_levels or [])
+        self.subnet_weights = list(subnet_weights or [1.0] * len(self.subnet_levels))
+        if len(self.subnet_weights) != len(self.subnet_levels):
+            raise ValueError("subnet_weights needs one weight per entry of subnet_levels")
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.skipped_steps = 0
+        # Who wrote a checkpoint (recipe, model, pattern): resume refuses a mismatch unless forced.
+        self.checkpoint_identity: dict = {}
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _loss(self, logits, y):
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.subnet_levels:
+            loss, logits = self._multi_subnet_loss(x, y)
+        else:
+            logits = self(x)
+            loss = self._loss(logits, y)
+        if not torch.isfinite(loss):
+            return self._on_nonfinite(loss, x)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def _multi_subnet_loss(self, x, y):
+        """DRESS multi-subnet training: every level shares the weights; the loss is their weighted sum."""
+        from sparsetrain.sparse.block import set_block_level
+
+        total, logits = 0.0, None
+        for level, weight in zip(self.subnet_levels, self.subnet_weights):
+            set_block_level(self.model, level)
+            logits = self(x)
+            loss = self._loss(logits, y)
+            self.log(f"train/loss@{level:g}", loss)
+            total = total + weight * loss
+        # Evaluate (and export) at the first, main level.
+        set_block_level(self.model, self.subnet_levels[0])
+        return total, logits
+
+    def _on_nonfinite(self, loss, x):
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            log.warning("step %d: loss is %s, step skipped (nonfinite=skip)", self.global_step, loss.item())
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None  # Lightning skips backward and the optimizer step
+        culprit = first_nonfinite_layer(self.model, x)
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {self.global_step}; first non-finite output: {culprit}. "
+            "Lower optim.lr, set trainer.gradient_clip_val, or run with nonfinite=skip.")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", self._loss(logits, y), prog_bar=True, sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["sparsetrain"] = dict(self.checkpoint_identity)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(param_groups(self.model, self.optimizer_factory))
+        total = int(self.trainer.estimated_stepping_batches)
+        multiplier = functools.partial(
+            lr_multiplier, total_steps=total, name=self.sched.get("name", "cosine"),
+            warmup_steps=int(self.sched.get("warmup_steps", 0)),
+            min_lr_ratio=float(self.sched.get("min_lr_ratio", 0.0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def param_groups(model: nn.Module, optimizer_factory) -> list:
+    """No weight decay on biases, norms, position embeddings and block scores (decay would shrink them
+    toward pruning for no reason); the factory's weight_decay applies to the rest."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token", "block_scores")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, x) -> str:
+    """Re-run the forward with hooks and name the first leaf module whose output is not finite."""
+    found = []
+
+    def hook(module, _inputs, output):
+        if not found and torch.is_tensor(output) and not torch.isfinite(output).all():
+            found.append(name_of[module])
+
+    name_of = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return found[0]
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    return f"none in the forward (non-finite parameters: {bad[:3]})" if bad else "none (the loss itself overflowed)"

@@ -1,0 +1,116 @@
+"""The spine: every recipe composes and trains a few steps, resume, summary.json, layer report, bad input."""
+import json
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigAttributeError
+
+from sparsetrain.training.app import ConfigError, train
+from sparsetrain.training.checkpoints import CheckpointError
+from tests.helpers import RECIPES, TINY, compose_cfg
+
+REQUIRED_RECIPES = {"vit_l_24", "vit_b_24", "resnet50_24", "vit_b_block", "fmnist_vit_24", "fmnist_resnet_24",
+                    "fmnist_vit_block", "fmnist_dense"}
+
+
+def test_required_recipes_ship():
+    assert REQUIRED_RECIPES <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_with_its_own_data(recipe, tmp_path):
+    cfg = compose_cfg([f"recipe={recipe}"], tmp_path)
+    assert cfg.recipe_name == recipe
+    assert cfg.model.name and cfg.data._target_ and cfg.sparsity.pattern
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_two_steps_on_synthetic_data(recipe, tmp_path):
+    cfg = compose_cfg([f"recipe={recipe}", *TINY], tmp_path)
+    summary = train(cfg)
+    assert summary["global_step"] == 2
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["recipe"] == recipe and "val/acc" in saved["metrics"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    layers = json.loads((tmp_path / "layers.json").read_text())
+    sparse = [row for row in layers if row["pattern"] != "dense"]
+    if cfg.sparsity.pattern == "dense":
+        assert not sparse
+    else:
+        # what the run says about its layers is true: sparse layers hold the zeros they claim
+        assert sparse and all(row["measured_sparsity"] >= 0.49 for row in sparse), sparse
+
+
+def test_resume_auto_continues_step_optimizer_and_schedule(tmp_path):
+    base = ["recipe=fmnist_vit_24", *TINY, "callbacks.checkpoint.every_n_train_steps=1"]
+    first = train(compose_cfg(base, tmp_path))
+    assert first["global_step"] == 2
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    masks = {k: v for k, v in ckpt["state_dict"].items() if k.endswith(".mask")}
+    assert masks, "sparsity state (masks) must be in the checkpoint"
+    resumed = train(compose_cfg([*base, "trainer.max_steps=4", "resume=auto"], tmp_path))
+    assert resumed["global_step"] == 4
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
+    base = ["recipe=fmnist_dense", *TINY]
+    train(compose_cfg(base, tmp_path))
+    with pytest.raises(CheckpointError, match="resume=auto"):
+        train(compose_cfg(base, tmp_path))
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, capsys):
+    summary = train(compose_cfg(["recipe=fmnist_dense", *TINY, "resume=auto"], tmp_path))
+    assert summary["global_step"] == 2
+    assert "starting fresh" in capsys.readouterr().out
+
+
+def test_resume_from_other_recipe_is_refused_unless_forced(tmp_path):
+    train(compose_cfg(["recipe=fmnist_vit_24", *TINY], tmp_path / "a"))
+    ckpt = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    other = ["recipe=fmnist_dense", *TINY, f"resume={ckpt}", "trainer.max_steps=3"]
+    with pytest.raises(CheckpointError, match="force_resume"):
+        train(compose_cfg(other, tmp_path / "b"))
+
+
+def test_checkpoint_from_a_different_model_is_refused(tmp_path):
+    train(compose_cfg(["recipe=fmnist_dense", *TINY], tmp_path / "a"))
+    ckpt = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    other = ["recipe=fmnist_dense", *TINY, f"resume={ckpt}", "model.embed_dim=64", "force_resume=true"]
+    with pytest.raises(CheckpointError, match="different model"):
+        train(compose_cfg(other, tmp_path / "b"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["optim.lr=-1"], "optim.lr"),
+    (["data.batch_size=0"], "batch_size"),
+    (["sparsity=block", "sparsity.sparsity=1.2"], r"\[0, 1\)"),
+])
+def test_impossible_overrides_stop_before_training(overrides, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        train(compose_cfg(["recipe=fmnist_dense", *TINY, *overrides], tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_recipe_lists_the_available_ones(tmp_path):
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as info:
+        compose_cfg(["recipe=vit_l_42"], tmp_path)
+    assert "vit_l_24" in str(info.value)
+
+
+def test_misspelt_key_is_rejected(tmp_path):
+    with pytest.raises((ConfigCompositionException, ConfigAttributeError)) as info:
+        compose_cfg(["recipe=fmnist_dense", "trainer.max_stepz=3"], tmp_path)
+    assert "max_stepz" in str(info.value)
+
+
+def test_misspelt_model_name_names_close_matches(tmp_path):
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224"):
+        train(compose_cfg(["recipe=fmnist_dense", *TINY, "model.name=vit_tiny_patch16_2244"], tmp_path))
+
+
+def test_missing_data_path_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        train(compose_cfg(["recipe=fmnist_dense", "data.root=/nonexistent/fmnist", "trainer.max_steps=1"], tmp_path))

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from sparsetrain.sparse.block import (
+    BlockScoreSTE,
+    block_mask_from_scores,
+    block_norms,
+    expand_block_mask,
+    flip_rate,
+    kept_block_count,
+)
+from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, config_from_dict
+
+
+def test_block_norms_match_per_tile_norm():
+    w = torch.randn(8, 12)
+    norms = block_norms(w, 4)
+    assert norms.shape == (2, 3)
+    assert torch.allclose(norms[1, 2], w[4:8, 8:12].norm())
+
+
+def test_block_norms_reject_non_divisible_dims_naming_them():
+    with pytest.raises(ValueError, match=r"10x6 and block size 4"):
+        block_norms(torch.randn(10, 6), 4)
+
+
+def test_top_blocks_kept_with_round_and_at_least_one():
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
+    mask = block_mask_from_scores(scores, sparsity=0.5)
+    assert mask.tolist() == [[False, True, True], [True, False, False]]
+    assert block_mask_from_scores(scores, sparsity=0.99).sum() == 1
+    assert kept_block_count(10, 0.9) == 1
+    assert kept_block_count(10, 0.75) == 2  # round(2.5) goes to even
+    assert kept_block_count(64, 0.9) == 6
+
+
+def test_ties_go_to_the_lower_flat_index():
+    mask = block_mask_from_scores(torch.ones(3, 4), sparsity=0.5)
+    assert mask.flatten().tolist() == [True] * 6 + [False] * 6
+
+
+def test_expand_block_mask_repeats_each_block_over_its_tile():
+    block_mask = torch.tensor([[True, False], [False, True]])
+    full = expand_block_mask(block_mask, 3)
+    assert full.shape == (6, 6)
+    assert full[:3, :3].all() and not full[:3, 3:].any() and full[3:, 3:].all()
+
+
+def test_ste_trains_scores_and_weights_together():
+    w = torch.randn(8, 8, requires_grad=True)
+    scores = block_norms(w, 4).requires_grad_(True)
+    mask = BlockScoreSTE.apply(scores, 0.5)
+    assert mask.dtype == scores.dtype and mask.sum() == 2
+    upstream = torch.randn(8, 8)
+    (w * expand_block_mask(mask, 4) * upstream).sum().backward()
+    # Straight-through: every score, kept or pruned, gets the sum of upstream * w over its block.
+    expected = (upstream * w.detach()).reshape(2, 4, 2, 4).sum(dim=(1, 3))
+    assert torch.allclose(scores.grad, expected)
+    assert torch.equal(w.grad, upstream * expand_block_mask(mask.detach(), 4))
+
+
+def test_flip_rate_counts_changed_entries():
+    old = torch.tensor([True, True, False, False])
+    new = torch.tensor([True, False, True, False])
+    assert flip_rate(old, new) == 0.5
+    with pytest.raises(ValueError, match="differ in shape"):
+        flip_rate(old, new[:2])
+
+
+def test_config_validation_names_the_fix():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        BlockConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match="positive int"):
+        BlockConfig(block_size=0)
+    with pytest.raises(ValueError, match="use one of"):
+        BlockConfig(grad_mode="srste")
+    with pytest.raises(ValueError, match="grad_mode='srste'"):
+        Semi24Config(srste_lambda=1e-4)
+    with pytest.raises(ValueError, match="BlockConfig"):
+        Semi24Config(criterion="scores")
+    with pytest.raises(ValueError, match="use one of"):
+        Act24Config(backend="cutlass")
+    assert BlockConfig(block_size=48).block_size == 48
+
+
+def test_config_from_dict_maps_patterns_and_rejects_unknown_keys():
+    assert config_from_dict({"pattern": "dense"}) is None
+    assert config_from_dict({"pattern": "semi24", "transposable": False}) == Semi24Config(transposable=False)
+    assert config_from_dict({"pattern": "block", "sparsity": 0.5}) == BlockConfig(sparsity=0.5)
+    assert config_from_dict({"pattern": "act24", "layer_globs": ["*fc2"]}).layer_globs == ("*fc2",)
+    with pytest.raises(ValueError, match=r"allowed keys: \['pattern', 'block_size'"):
+        config_from_dict({"pattern": "block", "blocksize": 32})
+    with pytest.raises(ValueError, match="not known"):
+        config_from_dict({"pattern": "2:4"})

@@ -15,7 +15,7 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 # Small enough for a 2-core CPU, big enough to exercise every layer type: synthetic 32 px images.
 TINY = ["data=synthetic", "data.img_size=32", "data.batch_size=4", "data.train_size=32", "data.val_size=16",
         "data.num_workers=0", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_epochs=1",
-        "trainer.max_steps=2", "trainer.limit_val_batches=1", "logger=csv", "callbacks.progress_bar=false",
+        "trainer.max_steps=2", "trainer.limit_val_batches=1", "logger=csv", "trainer.enable_progress_bar=false",
         "sched.warmup_steps=0"]
 
 
@@ -26,6 +26,7 @@ def compose_cfg(overrides, run_dir):
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
+        del cfg["hydra"]  # train.py's cfg has no hydra node either; HydraConfig keeps it
     return cfg
 
 

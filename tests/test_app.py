@@ -50,7 +50,7 @@ def test_resume_auto_continues_step_optimizer_and_schedule(tmp_path):
     assert ckpt["global_step"] == 2 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     masks = {k: v for k, v in ckpt["state_dict"].items() if k.endswith(".mask")}
     assert masks, "sparsity state (masks) must be in the checkpoint"
-    resumed = train(compose_cfg([*base, "trainer.max_steps=4", "resume=auto"], tmp_path))
+    resumed = train(compose_cfg([*base, "trainer.max_steps=4", "trainer.max_epochs=3", "resume=auto"], tmp_path))
     assert resumed["global_step"] == 4
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 MODE_PRUNE, MODE_MASK, MODE_VALUES = 0, 1, 2
 BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
+NUM_WARPS = 4  # 128 threads for 256 tiles; see docs/perf-notes.md for the measured alternatives
 _TILES = BLOCK // 4
 # mask_24_transposable clamps scores to this so that a sum of 8 never overflows; so do we.
 _SCORE_BOUND = torch.finfo(torch.float32).max / 8
@@ -81,6 +82,8 @@ def _store_meta_cols(meta_ptr, chunk_base, nib, r, g, T: tl.constexpr):
 def _load_quad(ptr, rows, cols, row_stride, T: tl.constexpr):
     """Four (T, T) tensors: elements (row, col + 0..3) of every tile, one 8-byte load each."""
     offs = rows.to(tl.int64)[:, :, None] * row_stride + cols[:, :, None] + tl.arange(0, 4)[None, None, :]
+    # Tell the compiler what the bit-shuffled tile numbering hides: 4 contiguous, aligned elements.
+    offs = tl.max_contiguous(tl.multiple_of(offs, (1, 1, 4)), (1, 1, 4))
     x = tl.reshape(tl.load(ptr + offs), (T, T, 2, 2))
     even, odd = tl.split(x)
     x0, x2 = tl.split(even)
@@ -115,24 +118,6 @@ def _pair_sum(s0, s1, s2, s3, P: tl.constexpr):
 
 
 @triton.jit
-def _pair_bits(P: tl.constexpr):
-    """Column bit set (bit c = column c) of pair P."""
-    if P == 0:
-        r: tl.constexpr = 3
-    elif P == 1:
-        r: tl.constexpr = 5
-    elif P == 2:
-        r: tl.constexpr = 9
-    elif P == 3:
-        r: tl.constexpr = 6
-    elif P == 4:
-        r: tl.constexpr = 10
-    else:
-        r: tl.constexpr = 12
-    return r
-
-
-@triton.jit
 def _best_pattern(s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33):
     """Keep-bits (bit 4a+c = row a, column c) of the best transposable pattern of every tile.
 
@@ -149,22 +134,19 @@ def _best_pattern(s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s3
             for p2 in tl.static_range(6):
                 t2 = t1 + _pair_sum(s20, s21, s22, s23, p2)
                 for p3 in tl.static_range(6):
-                    b0: tl.constexpr = _pair_bits(p0)
-                    b1: tl.constexpr = _pair_bits(p1)
-                    b2: tl.constexpr = _pair_bits(p2)
-                    b3: tl.constexpr = _pair_bits(p3)
-                    # 2 per column <=> the 8 column bits, counted per column, are all 2:
-                    # since each row holds 2, it suffices that no column is hit 3+ times or 0 times.
-                    c0: tl.constexpr = (b0 & 1) + (b1 & 1) + (b2 & 1) + (b3 & 1)
-                    c1: tl.constexpr = ((b0 >> 1) & 1) + ((b1 >> 1) & 1) + ((b2 >> 1) & 1) + ((b3 >> 1) & 1)
-                    c2: tl.constexpr = ((b0 >> 2) & 1) + ((b1 >> 2) & 1) + ((b2 >> 2) & 1) + ((b3 >> 2) & 1)
-                    c3: tl.constexpr = ((b0 >> 3) & 1) + ((b1 >> 3) & 1) + ((b2 >> 3) & 1) + ((b3 >> 3) & 1)
-                    if c0 == 2 and c1 == 2 and c2 == 2 and c3 == 2:
+                    # Column bits of each row's pair (bit c = column c), all compile-time.
+                    b0 = (1 << ((p0 >= 3) + (p0 >= 5))) | (1 << (p0 + 1 - 2 * (p0 >= 3) - (p0 >= 5)))
+                    b1 = (1 << ((p1 >= 3) + (p1 >= 5))) | (1 << (p1 + 1 - 2 * (p1 >= 3) - (p1 >= 5)))
+                    b2 = (1 << ((p2 >= 3) + (p2 >= 5))) | (1 << (p2 + 1 - 2 * (p2 >= 3) - (p2 >= 5)))
+                    b3 = (1 << ((p3 >= 3) + (p3 >= 5))) | (1 << (p3 + 1 - 2 * (p3 >= 3) - (p3 >= 5)))
+                    # Rows keep 2 each, so 2 per column <=> every column is hit, i.e. the OR is 0xF
+                    # and no column is hit 3+ times, i.e. the sum of all bits is 8 with all 4 set
+                    # twice: equivalent to (b0 ^ b1 ^ b2 ^ b3) == 0 together with the OR being 0xF.
+                    if ((b0 ^ b1 ^ b2 ^ b3) == 0) & ((b0 | b1 | b2 | b3) == 15):
                         total = t2 + _pair_sum(s30, s31, s32, s33, p3)
                         better = total > best
                         best = tl.where(better, total, best)
-                        bits: tl.constexpr = b0 | (b1 << 4) | (b2 << 8) | (b3 << 12)
-                        best_bits = tl.where(better, bits, best_bits)
+                        best_bits = tl.where(better, b0 | (b1 << 4) | (b2 << 8) | (b3 << 12), best_bits)
     return best_bits
 
 
@@ -195,29 +177,28 @@ def _pick(x0, x1, x2, x3, i):
 
 
 @triton.jit
-def _kept_value(x, k):
-    # W * mask: a pruned entry is a zero carrying x's sign (and NaN stays NaN), as torch computes it.
-    return tl.where(k == 1, x, x * 0.0)
+def _kept_bits(x, k):
+    """16-bit pattern of x * mask: a pruned entry is a zero with x's sign, as `w * mask` gives it.
 
-
-@triton.jit
-def _pack_pair(lo, hi):
-    """Two 16-bit values as one 32-bit word, the first in the low half (little-endian order)."""
-    lo16 = lo.to(tl.uint16, bitcast=True).to(tl.uint32)
-    hi16 = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
-    return (lo16 | (hi16 << 16)).to(tl.int32, bitcast=True)
+    Done on the bits, because float code may drop the sign of a zero (and an interpreter does).
+    Inf/NaN weights are outside the contract (their product with 0 is NaN).
+    """
+    xb = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.where(k == 1, xb, xb & 0x8000)
 
 
 @triton.jit
 def _group_out(x0, x1, x2, x3, k0, k1, k2, k3):
     """Values word and nibble of one group of 4 (a row of a tile, or a column of it)."""
-    y0 = _kept_value(x0, k0)
-    y1 = _kept_value(x1, k1)
-    y2 = _kept_value(x2, k2)
-    y3 = _kept_value(x3, k3)
-    i, j = _positions(k0, k1, k2, k3, (y0 == 0).to(tl.int32), (y1 == 0).to(tl.int32),
-                      (y2 == 0).to(tl.int32), (y3 == 0).to(tl.int32))
-    word = _pack_pair(_pick(y0, y1, y2, y3, i), _pick(y0, y1, y2, y3, j))
+    y0 = _kept_bits(x0, k0)
+    y1 = _kept_bits(x1, k1)
+    y2 = _kept_bits(x2, k2)
+    y3 = _kept_bits(x3, k3)
+    # A zero of either sign is a zero to cuSPARSELt's compressor.
+    i, j = _positions(k0, k1, k2, k3, ((y0 & 0x7FFF) == 0).to(tl.int32), ((y1 & 0x7FFF) == 0).to(tl.int32),
+                      ((y2 & 0x7FFF) == 0).to(tl.int32), ((y3 & 0x7FFF) == 0).to(tl.int32))
+    # Two 16-bit values a 32-bit word, the first in the low half (little-endian order).
+    word = _pick(y0, y1, y2, y3, i) | (_pick(y0, y1, y2, y3, j) << 16)
     return word, i | (j << 2)
 
 
@@ -356,7 +337,7 @@ def _launch(w, mask, mode, transposed, want_mask):
     _prune_compress_kernel[grid](
         w, mask_in, out.view(torch.int32), out_t.view(torch.int32),
         mask_out.view(torch.int32) if want_mask else out.view(torch.int32), m, k,
-        MODE=mode, WRITE_T=transposed, WRITE_MASK=want_mask, num_warps=4)
+        MODE=mode, WRITE_T=transposed, WRITE_MASK=want_mask, num_warps=NUM_WARPS)
     return out, (out_t if transposed else None), (mask_out if want_mask else None)
 
 

@@ -18,3 +18,36 @@ __all__ = [
     "resolve_backend",
     "weight_sparse_linear",
 ]
+
+# Sparsity transforms, block masks, schedules and the module swap.
+from sparsetrain.sparse.block import (BlockScoreSTE, block_mask_from_scores, block_norms, expand_block_mask, flip_rate,
+                                      set_block_level)
+from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, config_from_dict
+from sparsetrain.sparse.modules import SparseConv1x1, SparseGemmLayer, SparseLinear
+from sparsetrain.sparse.schedules import Phase, PruneSchedule
+from sparsetrain.sparse.sparsify import (LayerRecord, densify_, layer_table, mask_checksum, sparse_modules,
+                                         sparsify_)
+
+__all__ += [
+    "Act24Config",
+    "BlockConfig",
+    "BlockScoreSTE",
+    "LayerRecord",
+    "Phase",
+    "PruneSchedule",
+    "Semi24Config",
+    "SparseConv1x1",
+    "SparseGemmLayer",
+    "SparseLinear",
+    "block_mask_from_scores",
+    "block_norms",
+    "config_from_dict",
+    "densify_",
+    "expand_block_mask",
+    "flip_rate",
+    "layer_table",
+    "mask_checksum",
+    "set_block_level",
+    "sparse_modules",
+    "sparsify_",
+]

@@ -5,7 +5,7 @@ Both take the same dense tensors with zeros, so every fast path can be checked a
 """
 import warnings
 from abc import ABC, abstractmethod
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class Backend(ABC):
     name: str
 
     @abstractmethod
-    def linear(self, x2d: Tensor, w_masked: Tensor, need_input_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def linear(self, x2d: Tensor, w_masked: Tensor, need_input_grad: bool) -> tuple[Tensor, Tensor | None]:
         """Y = X @ W_s^T, and what `input_grad` needs (None when no input grad is needed)."""
 
     @abstractmethod
@@ -97,7 +97,7 @@ def _algorithm_key(compressed: Tensor, dense: Tensor, transpose_result: bool) ->
 
 
 def _sparse_mm(compressed: Tensor, dense: Tensor, transpose_result: bool,
-               reference: Optional[Callable[[], Tensor]]) -> Tensor:
+               reference: Callable[[], Tensor] | None) -> Tensor:
     """`torch._cslt_sparse_mm` with the algorithm searched once per shape and layout.
 
     A newly searched algorithm is trusted only after it matches `reference()` (masked dense).
@@ -119,8 +119,10 @@ class CuSparseLtBackend(Backend):
     """2:4 GEMMs through cuSPARSELt (fp16/bf16 CUDA tensors, both dims multiples of 64).
 
     sparse_input_grad: the mask is transposable, so dX = dY @ W_s runs sparse on W_s^T;
-    otherwise dX runs masked dense. compress: "cslt" (`torch._cslt_compress`, any GPU) or
-    "direct" (`compress_sm90`, the same bytes written by torch ops; sm90 only).
+    otherwise dX runs masked dense. Nothing checks this per step (it would cost a sync): a
+    row-wise mask with sparse_input_grad=True silently drops values of W_s^T.
+    compress: "cslt" (`torch._cslt_compress`, any GPU) or "direct" (`compress_sm90`, the same
+    bytes written by torch ops; sm90 only).
     """
 
     name = "cusparselt"

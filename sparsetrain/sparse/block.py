@@ -8,7 +8,7 @@ the gradient the mask received (arXiv 2207.00670).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,36 +91,10 @@ def block_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def set_block_level(model: nn.Module, level: float) -> None:
-    """Switch every block layer to sparsity `level` (their stored masks follow at once)."""
+    """Switch every block layer to sparsity `level`; their masks follow at once.
+
+    DRESS multi-subnet training: for each level, set it, run the forward, weight the loss; the
+    subnets share the weights, so one backward of the weighted sum trains them all.
+    """
     for layer in block_layers(model):
         layer.set_level(level)
-
-
-def weighted_level_loss(
-    model: nn.Module,
-    levels: Sequence[float],
-    weights: Sequence[float],
-    loss_fn: Callable[[], Tensor],
-) -> tuple[Tensor, list[Tensor]]:
-    """DRESS multi-subnet loss: sum_i weights[i] * loss_fn() with every block layer at levels[i].
-
-    The subnets share the weights, so one backward of the sum trains them all. Each level's
-    graph stays alive until that backward (memory grows with len(levels)). The layers' levels
-    are restored afterwards. Returns (weighted sum, per-level losses).
-    """
-    if len(levels) != len(weights) or not levels:
-        raise ValueError(f"need one weight per level: got {len(levels)} levels and {len(weights)} weights")
-    layers = block_layers(model)
-    if not layers:
-        raise ValueError("the model has no block-sparse layers; run sparsify_(model, BlockConfig(...)) first")
-    previous = [layer.level for layer in layers]
-    per_level: list[Tensor] = []
-    try:
-        for level in levels:
-            set_block_level(model, level)
-            per_level.append(loss_fn())
-    finally:
-        for layer, level in zip(layers, previous):
-            layer.set_level(level)
-    total = sum(w * loss for w, loss in zip(weights, per_level))
-    return total, per_level

@@ -104,7 +104,7 @@ def mask_24_transposable(scores: Tensor) -> Tensor:
     m, k = scores.shape
     _check_groups_of_four(m, "the row count")
     _check_groups_of_four(k, "the column count")
-    tiles = _bounded_float32(scores).view(m // 4, 4, k // 4, 4).transpose(1, 2).reshape(-1, 4, 4)
+    tiles = _bounded_float32(scores).reshape(m // 4, 4, k // 4, 4).transpose(1, 2).reshape(-1, 4, 4)
     tile_masks = TRANSPOSABLE_PATTERNS.to(scores.device)[_best_patterns(tiles)]
     return tile_masks.view(m // 4, k // 4, 4, 4).transpose(1, 2).reshape(m, k)
 

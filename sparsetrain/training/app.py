@@ -4,6 +4,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as L
 import torch
@@ -62,13 +63,17 @@ def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
     return int(trainer_cfg.max_epochs) * steps_per_epoch
 
 
-def build_schedule(schedule_cfg: DictConfig, sparsity_cfg: DictConfig, steps: int) -> PruneSchedule:
+def build_schedule(schedule_cfg: DictConfig, sparsity_cfg: DictConfig, steps: int) -> Optional[PruneSchedule]:
+    """The recipe's prune_schedule for its sparsity pattern; None for a dense run."""
+    pattern = sparsity_cfg.pattern
+    if pattern == "dense":
+        return None
     opts = OmegaConf.to_container(schedule_cfg, resolve=True)
-    opts.setdefault("total_steps", steps)
+    opts["pattern"] = pattern
     if opts.get("total_steps") is None:
         opts["total_steps"] = steps
-    if "target" not in opts:
-        opts["target"] = sparsity_cfg.get("sparsity", 0.5)
+    if pattern == "block" and opts.get("target") is None:
+        opts["target"] = sparsity_cfg.sparsity
     return PruneSchedule(**opts)
 
 
@@ -105,6 +110,9 @@ def train(cfg: DictConfig) -> dict:
     module.checkpoint_identity = identity
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if module.validated_at_step != trainer.global_step:
+        # max_steps ended mid-epoch: summary.json must report the model as it ends, not an older one
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     summary = write_summary(cfg, run_dir, trainer, module, records, throughput, time.time() - started)
     hint = wandb_sync_hint(run_dir) if "wandb" in (cfg.logger or {}) else ""
     if hint and trainer.is_global_zero:
@@ -121,9 +129,10 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         save_last=True, save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor,
         mode=ccfg.checkpoint.mode, every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
         every_n_epochs=ccfg.checkpoint.every_n_epochs)
-    callbacks = [SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every), throughput,
-                 LayerReport(run_dir, records), checkpoint]
-    if ccfg.progress_bar:
+    callbacks = [throughput, LayerReport(run_dir, records), checkpoint]
+    if schedule is not None:
+        callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
+    if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar() if _is_terminal() else TQDMProgressBar(refresh_rate=50))
     return callbacks
 

@@ -18,7 +18,8 @@ PHASE_CODES = {"dense_warmup": 0, "pruning": 1, "sparse": 2, "dense_finetune": 3
 
 
 class SparsityScheduler(L.Callback):
-    """Applies PruneSchedule.phase(step) to every sparse layer before each training step.
+    """Applies PruneSchedule.phase(step) to every sparse layer before each training step, and logs
+    the phase, the level, the mask flip rate and each layer's measured sparsity.
 
     Masks are computed from the weights every rank holds after the synchronized optimizer step, so
     DDP ranks agree without communication; `mask_checksum` is logged to prove it.
@@ -27,35 +28,26 @@ class SparsityScheduler(L.Callback):
     def __init__(self, schedule: PruneSchedule, log_every: int = 50):
         self.schedule = schedule
         self.log_every = max(1, int(log_every))
-        self.last_flip_rate: Optional[float] = None
-        self.phase_name = "dense_warmup"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         phase = self.schedule.phase(step)
-        self.phase_name = phase.name
-        flips = []
         for _, module in sparse_modules(pl_module.model):
-            module.set_active(phase.active)
-            module.set_mask_frozen(phase.frozen)
-            if phase.active and phase.level is not None:
-                module.set_level(phase.level)
-            if phase.active and phase.update_mask:
-                flips.append(module.update_mask(step=step))
-        if flips:
-            self.last_flip_rate = float(sum(flips) / len(flips))
+            module.apply_phase(phase, step)
         pl_module.log("sparsity/phase", float(PHASE_CODES[phase.name]))
-        if phase.level is not None:
-            pl_module.log("sparsity/level", float(phase.level))
+        pl_module.log("sparsity/level", float(phase.level))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step % self.log_every and step != 1:
+        # global_step already counts this step: log at the first step and every log_every after
+        if (trainer.global_step - 1) % self.log_every:
             return
-        if self.last_flip_rate is not None:
-            pl_module.log("sparsity/flip_rate", self.last_flip_rate)
+        layers = sparse_modules(pl_module.model)
+        if not layers:
+            return
+        flips = [module.pop_flip_rate() for _, module in layers]
+        pl_module.log("sparsity/flip_rate", sum(flips) / len(flips))
         for row in layer_table(pl_module.model):
-            if row["pattern"] != "dense":
+            if row["pattern"] != "dense" and row.get("measured_sparsity") is not None:
                 pl_module.log(f"sparsity/layer/{row['name']}", float(row["measured_sparsity"]))
         pl_module.log("sparsity/mask_checksum", float(mask_checksum(pl_module.model) % (1 << 24)))
 

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -411,12 +412,14 @@ class ImageFolderDataModule(_ImageClassificationDataModule):
 PROTOTYPE_STREAM, TRAIN_STREAM, VAL_STREAM = 0, 1, 2
 
 
-def stream_seed(seed: int, stream: int, index: int = 0) -> int:
-    """One 64-bit generator seed per (seed, stream, index): no two samples or splits share a random stream.
+def sample_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """An independent generator per (seed, stream, index).
 
-    Layout: seed in the top 30 bits, the stream in 2 bits, the sample index in the low 32 bits.
+    numpy's SeedSequence hashes all three words; torch.Generator would not do, as its CPU generator keeps
+    only the low 32 bits of a seed. Always three words: SeedSequence pads short entropy with zeros, so
+    [seed, 0] would equal [seed, 0, 0].
     """
-    return (seed << 34) | (stream << 32) | index
+    return np.random.default_rng([seed, stream, index])
 
 
 class SyntheticImages(Dataset):
@@ -439,9 +442,9 @@ class SyntheticImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} out of range for {self.size} synthetic images")
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, index))
-        label = int(torch.randint(len(self.prototypes), (), generator=generator))
-        noise = torch.randn(self.prototypes.shape[1:], generator=generator)
+        rng = sample_rng(self.seed, self.stream, index)
+        label = int(rng.integers(len(self.prototypes)))
+        noise = torch.from_numpy(rng.standard_normal(self.prototypes.shape[1:], dtype=np.float32))
         return self.prototypes[label] + self.noise_std * noise, label
 
 
@@ -462,8 +465,6 @@ class SyntheticDataModule(_ImageClassificationDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        if not 0 <= seed < 2**30:
-            raise ValueError(f"data.seed={seed} must be in [0, 2**30) for the synthetic set's per-sample seeds")
         super().__init__(
             num_classes=num_classes,
             channels=channels,
@@ -477,8 +478,9 @@ class SyntheticDataModule(_ImageClassificationDataModule):
         self.noise_std = noise_std
 
     def _build_datasets(self) -> tuple[Dataset, Dataset]:
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, PROTOTYPE_STREAM))
-        prototypes = torch.randn(self.num_classes, self.channels, self.img_size, self.img_size, generator=generator)
+        shape = (self.num_classes, self.channels, self.img_size, self.img_size)
+        rng = sample_rng(self.seed, PROTOTYPE_STREAM, 0)
+        prototypes = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
 
         def split(size: int, stream: int) -> SyntheticImages:
             return SyntheticImages(prototypes, size, self.noise_std, self.seed, stream)

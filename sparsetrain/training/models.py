@@ -194,6 +194,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state_dict = safetensors.torch.load_file(str(path))
     else:
         checkpoint = _torch_load(path)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(
+                f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save model.state_dict() instead"
+            )
         if isinstance(checkpoint.get("state_dict"), dict):
             state_dict = {
                 key.removeprefix(LIGHTNING_MODEL_PREFIX): value

@@ -44,6 +44,8 @@ class SparseClassifier(L.LightningModule):
         self.skipped_steps = 0
         # Who wrote a checkpoint (recipe, model, pattern): resume refuses a mismatch unless forced.
         self.checkpoint_identity: dict = {}
+        # The step at which validation last ran: the app validates once more if training ended elsewhere.
+        self.validated_at_step: Optional[int] = None
 
     def forward(self, x):
         return self.model(x)
@@ -98,6 +100,9 @@ class SparseClassifier(L.LightningModule):
         self.val_acc(logits, y)
         self.log("val/loss", self._loss(logits, y), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+
+    def on_validation_epoch_end(self):
+        self.validated_at_step = self.global_step
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["sparsetrain"] = dict(self.checkpoint_identity)

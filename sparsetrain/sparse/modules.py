@@ -1,0 +1,428 @@
+"""SparseLinear / SparseConv1x1: drop-in nn.Linear / nn.Conv2d(1x1) that run a sparse GEMM.
+
+They keep the dense module's parameters (same names and shapes, so checkpoints move between
+dense and sparse models) and carry the sparsity state in buffers, so it is in `state_dict`:
+
+    mask           bool (out, in)  the mask of the last forward or update (all True for act24)
+    sparse_active  bool scalar     False during dense phases: forward is the plain dense op
+    mask_step      int64 scalar    step of the last mask update, as given by the caller
+    mask_frozen    bool scalar     forward uses the stored mask and never recomputes it
+    block_scores   Parameter       learned per-block scores (BlockConfig(criterion="scores"))
+
+dtype rule: the sparse path computes in the autocast dtype when autocast is on for the input's
+device, else in the weight's dtype. The fp32 master weight stays dense and trainable; the masks
+are applied to its cast copy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsetrain.sparse.backends import Backend, resolve_backend
+from sparsetrain.sparse.block import (
+    BlockScoreSTE,
+    block_mask_from_scores,
+    block_norms,
+    check_block_divisible,
+    expand_block_mask,
+)
+from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, SparsityConfig
+from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
+from sparsetrain.sparse.masks import mask_24, mask_24_transposable
+from sparsetrain.sparse.schedules import SEMI_STRUCTURED_LEVEL, Phase
+
+logger = logging.getLogger("sparsetrain")
+
+BLOCK_BACKEND_REASON = (
+    "emulated: block sparsity runs as masked dense (torch BSR kernels measured 0.19x-0.57x of dense on H100)"
+)
+
+
+def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype when autocast is on for this device type, else the weight's dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
+def gemm_shape(module: nn.Linear | nn.Conv2d) -> tuple[int, int]:
+    """(out_features, in_features) of the GEMM a linear or 1x1 conv runs."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels
+    return module.out_features, module.in_features
+
+
+def unsupported_reason(module: nn.Linear | nn.Conv2d, config: SparsityConfig) -> str | None:
+    """Why `config` cannot run on `module` (a short sentence), or None when it can."""
+    what = "block sparsity" if isinstance(config, BlockConfig) else "2:4"
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        if (kh, kw) != (1, 1):
+            return f"{kh}x{kw} conv, not a GEMM {what} can serve"
+        if module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1 or any(
+            p != 0 for p in _padding_amounts(module)
+        ):
+            return (
+                f"1x1 conv with stride={module.stride}, padding={module.padding}, dilation={module.dilation}, "
+                f"groups={module.groups} is not a plain GEMM (only stride 1, no padding/dilation/groups is)"
+            )
+    out_features, in_features = gemm_shape(module)
+    if isinstance(config, BlockConfig):
+        try:
+            check_block_divisible((out_features, in_features), config.block_size)
+        except ValueError as error:
+            return str(error)
+        return None
+    if in_features % 4:
+        return f"in_features {in_features} is not a multiple of 4 (2:4 groups run along the input dim)"
+    if isinstance(config, Semi24Config) and config.transposable and out_features % 4:
+        return (
+            f"out_features {out_features} is not a multiple of 4, which a transposable 2:4 mask needs "
+            "(set transposable=False to prune along rows only)"
+        )
+    return None
+
+
+def _require_supported(module: nn.Linear | nn.Conv2d, config: SparsityConfig, name: str) -> None:
+    reason = unsupported_reason(module, config)
+    if reason is not None:
+        raise ValueError(f"cannot make {name or 'this layer'} sparse: {reason}; leave it dense (sparsify_ does)")
+
+
+def _padding_amounts(conv: nn.Conv2d) -> tuple[int, ...]:
+    # "valid" pads nothing; "same" with a 1x1 kernel pads nothing either.
+    return (0,) if isinstance(conv.padding, str) else tuple(conv.padding)
+
+
+def _masked_weight(w: Tensor, mask: Tensor, grad_mode: str) -> Tensor:
+    """w * mask with exact zeros. "masked": w gets the masked gradient; "ste": w gets the dense
+    gradient. A float mask that requires grad receives dL/dmask = dL/dw_eff * w either way."""
+    if grad_mode == "masked":
+        return w * mask
+    w_eff = w - (w * (1 - mask)).detach()
+    if mask.requires_grad:
+        w_eff = w_eff + w.detach() * (mask - mask.detach())
+    return w_eff
+
+
+class SparseGemmLayer(nn.Module):
+    """Sparsity state and the sparse GEMM shared by SparseLinear and SparseConv1x1.
+
+    Build the concrete layers with `from_dense(module, config, name)`.
+    """
+
+    kind: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _attach_sparsity(self, config: SparsityConfig, name: str) -> None:
+        self.sparse_config = config
+        self.layer_name = name
+        device = self.weight.device
+        out_features, in_features = gemm_shape(self)
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        self.register_buffer("sparse_active", torch.ones((), dtype=torch.bool, device=device))
+        self.register_buffer("mask_step", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("mask_frozen", torch.zeros((), dtype=torch.bool, device=device))
+        # Flips since the last pop_flip_rate(); not state, so not in the checkpoint.
+        self.register_buffer("flip_count", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # Python mirrors of the flags: reading a CUDA buffer in forward would sync the device.
+        self._active = True
+        self._frozen = False
+        self._backends: dict[tuple[torch.device, torch.dtype], tuple[Backend, str]] = {}
+        self._backend_key: tuple[torch.device, torch.dtype] | None = None
+        # Block layers run at a level the schedule may move; 2:4 is always 0.5.
+        self.level = config.sparsity if isinstance(config, BlockConfig) else SEMI_STRUCTURED_LEVEL
+        if isinstance(config, BlockConfig) and config.criterion == "scores":
+            # Scores start at the block norms, so step 0 equals magnitude block pruning.
+            self.block_scores = nn.Parameter(block_norms(self._weight_2d(), config.block_size).to(self.weight.dtype))
+        self._initial_backend_choice()
+        with torch.no_grad():
+            self.mask.copy_(self._fresh_mask())
+        self.register_load_state_dict_post_hook(SparseGemmLayer._sync_after_load)
+
+    # -- the weight as a GEMM operand ------------------------------------------------------------
+
+    def _weight_2d(self) -> Tensor:
+        return self.weight.flatten(1)
+
+    @property
+    def pattern(self) -> str:
+        return self.sparse_config.pattern
+
+    # -- backends --------------------------------------------------------------------------------
+
+    def _initial_backend_choice(self) -> None:
+        if isinstance(self.sparse_config, BlockConfig):
+            self.backend_name, self.backend_reason = "emulated", BLOCK_BACKEND_REASON
+        elif self.sparse_config.backend == "cusparselt":
+            # A model is usually built on the CPU in fp32 and moved later; cuSPARSELt can only be
+            # checked where and in what dtype the layer runs, so that happens at the first forward.
+            self.backend_name = "cusparselt"
+            self.backend_reason = "requested; checked at the first forward (needs CUDA and fp16/bf16)"
+        else:
+            self._backend(self.weight.device, self.weight.dtype)
+
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        """The layer's backend for (device, compute dtype), resolved once per pair."""
+        key = (device, dtype)
+        if key not in self._backends:
+            out_features, in_features = gemm_shape(self)
+            config = self.sparse_config
+            self._backends[key] = resolve_backend(
+                config.backend, out_features, in_features, device, dtype, config.transposable
+            )
+        if key != self._backend_key:
+            backend, self.backend_reason = self._backends[key]
+            self.backend_name, self._backend_key = backend.name, key
+            logger.debug("%s: backend %s (%s)", self.layer_name, backend.name, self.backend_reason)
+        return self._backends[key][0]
+
+    # -- masks -----------------------------------------------------------------------------------
+
+    def _fresh_mask(self, weight_2d: Tensor | None = None) -> Tensor:
+        """The mask the current weights (or scores) and level call for, full (out, in) shape."""
+        config = self.sparse_config
+        w = (self._weight_2d() if weight_2d is None else weight_2d).detach()
+        if isinstance(config, Act24Config):
+            return torch.ones_like(self.mask)
+        if isinstance(config, Semi24Config):
+            return mask_24_transposable(w.abs()) if config.transposable else mask_24(w.abs())
+        scores = self.block_scores if config.criterion == "scores" else block_norms(w, config.block_size)
+        return expand_block_mask(block_mask_from_scores(scores, self.level), config.block_size)
+
+    def _store_mask(self, new_mask: Tensor, step: int | None) -> Tensor:
+        """Write the mask; return the number of entries that flipped (a device tensor)."""
+        flips = torch.count_nonzero(self.mask ^ new_mask)
+        self.flip_count.add_(flips)
+        self.mask.copy_(new_mask)
+        if step is not None:
+            self.mask_step.fill_(step)
+        return flips
+
+    @torch.no_grad()
+    def update_mask(self, level: float | None = None, step: int | None = None) -> float:
+        """Recompute the mask from the current weights (or block scores) now.
+
+        level: new sparsity level (block layers); 2:4 layers accept only None or 0.5.
+        step: recorded in mask_step. Returns the fraction of mask entries that flipped.
+        """
+        if level is not None:
+            self._check_level(level)
+            self.level = float(level)
+        flips = self._store_mask(self._fresh_mask(), step)
+        return flips.item() / self.mask.numel()
+
+    def _check_level(self, level: float) -> None:
+        if isinstance(self.sparse_config, BlockConfig):
+            if not 0.0 <= level < 1.0:
+                raise ValueError(f"level={level} must be in [0, 1): it is the fraction of blocks pruned")
+        elif level != SEMI_STRUCTURED_LEVEL:
+            raise ValueError(f"level={level} for a {self.pattern} layer: 2:4 is always 0.5; pass level=None")
+
+    def set_level(self, level: float) -> None:
+        """Run at sparsity `level`. Block layers: the mask follows at once (DRESS switches levels
+        between forwards this way). 2:4 layers accept only 0.5 and do nothing."""
+        self._check_level(level)
+        if not isinstance(self.sparse_config, BlockConfig) or level == self.level:
+            return
+        self.level = float(level)
+        with torch.no_grad():
+            self._store_mask(self._fresh_mask(), step=None)
+
+    def set_active(self, active: bool) -> None:
+        """False: forward runs the plain dense op (dense phases of the schedule)."""
+        self._active = bool(active)
+        self.sparse_active.fill_(self._active)
+
+    def set_mask_frozen(self, frozen: bool) -> None:
+        """True: forward uses the stored mask as is (no 2:4 refresh, no score-driven block mask)."""
+        self._frozen = bool(frozen)
+        self.mask_frozen.fill_(self._frozen)
+
+    def apply_phase(self, phase: Phase, step: int) -> None:
+        """Apply one step of a PruneSchedule; call it before that step's forward. No device sync.
+
+        The mask is frozen at steps that do not update it. At steps that do, 2:4 layers
+        recompute it inside forward (from the compute-dtype copy of the weight the GEMM uses
+        anyway), score-driven block layers let the scores pick it in forward, and magnitude
+        block layers recompute it here. Flips add up for pop_flip_rate().
+        """
+        self.set_active(phase.active)
+        if not phase.active:
+            return
+        self.set_mask_frozen(not phase.update_mask)
+        if not phase.update_mask:
+            return
+        self.mask_step.fill_(step)
+        if isinstance(self.sparse_config, BlockConfig):
+            self._check_level(phase.level)
+            self.level = float(phase.level)
+            if self.sparse_config.criterion == "magnitude":
+                with torch.no_grad():
+                    self._store_mask(self._fresh_mask(), step=None)
+
+    def pop_flip_rate(self) -> float:
+        """Fraction of mask entries flipped since the last call (summed over every update)."""
+        rate = self.flip_count.item() / self.mask.numel()
+        self.flip_count.zero_()
+        return rate
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _sparse_gemm(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out) on the sparse path."""
+        dtype = compute_dtype(x.device.type, self.weight.dtype)
+        w = self._weight_2d().to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        x = x.to(dtype)
+        config = self.sparse_config
+        with torch.autocast(x.device.type, enabled=False):
+            if isinstance(config, BlockConfig):
+                return F.linear(x, self._block_sparse_weight(w), bias)
+            backend = self._backend(x.device, dtype)
+            if isinstance(config, Act24Config):
+                return activation_sparse_linear(x, w, bias, backend, config.transposable)
+            if self.training and not self._frozen:
+                with torch.no_grad():
+                    self._store_mask(self._fresh_mask(w), step=None)
+            return weight_sparse_linear(x, w, bias, self.mask, backend, config.grad_mode, config.srste_lambda)
+
+    def _block_sparse_weight(self, w: Tensor) -> Tensor:
+        config = self.sparse_config
+        if config.criterion == "scores" and not self._frozen:
+            block_mask = BlockScoreSTE.apply(self.block_scores, self.level)
+            mask = expand_block_mask(block_mask, config.block_size)
+            if self.training:
+                with torch.no_grad():
+                    self._store_mask(mask.bool(), step=None)
+            return _masked_weight(w, mask.to(w.dtype), config.grad_mode)
+        return _masked_weight(w, self.mask.to(w.dtype), config.grad_mode)
+
+    # -- reporting and export --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """The weight the forward multiplies by (dense when inactive or activation-sparse),
+        in the parameter's shape and dtype."""
+        if not self._active or isinstance(self.sparse_config, Act24Config):
+            return self.weight.detach().clone()
+        mask = self.mask
+        if isinstance(self.sparse_config, BlockConfig) and self.sparse_config.criterion == "scores" and not self._frozen:
+            mask = self._fresh_mask()
+        return self.weight.detach() * mask.view(self.weight.shape)
+
+    def describe(self) -> dict:
+        """One row of the layer table."""
+        effective = self.effective_weight()
+        return {
+            "name": self.layer_name,
+            "kind": self.kind,
+            "shape": tuple(self.weight.shape),
+            "pattern": self.pattern,
+            "backend": self.backend_name,
+            "reason": self.backend_reason,
+            "active": self._active,
+            "level": self.level,
+            "measured_sparsity": (effective == 0).float().mean().item(),
+        }
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pattern={self.pattern}, backend={self.backend_name}"
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _sparsity_state_keys(self) -> list[str]:
+        keys = ["mask", "sparse_active", "mask_step", "mask_frozen"]
+        if hasattr(self, "block_scores"):
+            keys.append("block_scores")
+        return keys
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A dense checkpoint has the parameters but none of the sparsity state: load it and
+        # derive the masks (and scores) from the loaded weights, as sparsify_ would have.
+        keys = [prefix + key for key in self._sparsity_state_keys()]
+        from_dense = prefix + "weight" in state_dict and not any(key in state_dict for key in keys)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not from_dense:
+            return
+        for key in keys:
+            if key in missing_keys:
+                missing_keys.remove(key)
+        with torch.no_grad():
+            if hasattr(self, "block_scores"):
+                self.block_scores.copy_(block_norms(self._weight_2d(), self.sparse_config.block_size))
+            self.mask.copy_(self._fresh_mask())
+        logger.info("%s: loaded dense weights; masks recomputed from them", self.layer_name)
+
+    @staticmethod
+    def _sync_after_load(module: SparseGemmLayer, incompatible_keys) -> None:
+        module._active = bool(module.sparse_active)
+        module._frozen = bool(module.mask_frozen)
+        if isinstance(module.sparse_config, BlockConfig):
+            # The level is not a buffer (a float buffer would be cast by model.half()); the
+            # stored mask pins it down exactly: level = 1 - kept blocks / blocks.
+            b = module.sparse_config.block_size
+            kept = module.mask[::b, ::b]
+            module.level = 1.0 - kept.sum().item() / kept.numel()
+
+
+class SparseLinear(SparseGemmLayer, nn.Linear):
+    """nn.Linear with a 2:4, activation-2:4 or block-sparse forward."""
+
+    kind = "linear"
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build it with SparseLinear.from_dense(nn.Linear(...), config, name)")
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, config: SparsityConfig, name: str = "") -> SparseLinear:
+        """A sparse layer sharing `linear`'s Parameters (same objects, names and shapes)."""
+        _require_supported(linear, config, name)
+        sparse = cls.__new__(cls)
+        nn.Linear.__init__(sparse, linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           device="meta")
+        sparse.weight, sparse.bias = linear.weight, linear.bias
+        sparse.train(linear.training)
+        sparse._attach_sparsity(config, name)
+        return sparse
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._active:
+            return F.linear(x, self.weight, self.bias)
+        return self._sparse_gemm(x)
+
+
+class SparseConv1x1(SparseGemmLayer, nn.Conv2d):
+    """nn.Conv2d (1x1, stride 1, no padding/dilation/groups) run as a GEMM over channels."""
+
+    kind = "conv1x1"
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build it with SparseConv1x1.from_dense(nn.Conv2d(..., kernel_size=1), config, name)")
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, config: SparsityConfig, name: str = "") -> SparseConv1x1:
+        """A sparse layer sharing `conv`'s Parameters (same objects, names and shapes)."""
+        _require_supported(conv, config, name)
+        sparse = cls.__new__(cls)
+        nn.Conv2d.__init__(sparse, conv.in_channels, conv.out_channels, kernel_size=1,
+                           bias=conv.bias is not None, device="meta")
+        sparse.weight, sparse.bias = conv.weight, conv.bias
+        sparse.train(conv.training)
+        sparse._attach_sparsity(config, name)
+        return sparse
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._active:
+            return self._conv_forward(x, self.weight, self.bias)
+        # Channels last is a free view for channels_last inputs; the output keeps that layout.
+        y = self._sparse_gemm(x.movedim(-3, -1))
+        return y.movedim(-1, -3)

@@ -1,0 +1,245 @@
+"""The fused prune+compress kernel against its references, bit for bit.
+
+CPU: the kernel runs under Triton's interpreter (a private copy of the module loaded with
+TRITON_INTERPRET=1) and must equal masks.mask_24_transposable + layout_sm90.compress_sm90.
+A small numpy re-derivation of the sm90 metadata order guards against both sharing one mistake.
+GPU (-m gpu): the compiled kernel must equal torch._cslt_compress itself, both ways.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sparsetrain.sparse.layout_sm90 import compress_sm90
+from sparsetrain.sparse.masks import is_transposable_24, mask_24_transposable
+
+triton_missing = importlib.util.find_spec("triton") is None
+
+
+class _Interpreted:
+    """Runs kernel calls under Triton's CPU interpreter, in one child process for all of them.
+
+    TRITON_INTERPRET must be set before Triton is first imported, so it cannot be switched on
+    inside this process (other tests may have imported Triton already). Calls are queued with
+    `add`, run together by `run`, and their outputs read back with `[name]`.
+    """
+
+    def __init__(self):
+        self.calls, self.outputs = {}, None
+
+    def add(self, name, fn, *args, **kwargs):
+        self.calls[name] = (fn, args, kwargs)
+
+    def run(self, tmp_path):
+        inputs, outputs = tmp_path / "calls.pt", tmp_path / "outputs.pt"
+        torch.save(self.calls, inputs)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        done = subprocess.run([sys.executable, __file__, str(inputs), str(outputs)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        self.outputs = torch.load(outputs)
+
+    def __getitem__(self, name):
+        result = self.outputs[name]
+        if isinstance(result, str):  # the child's exception, re-raised here
+            raise RuntimeError(result)
+        return result
+
+
+def _interpreter_worker(inputs, outputs):
+    from sparsetrain.kernels import prune_compress
+    results = {}
+    for name, (fn, args, kwargs) in torch.load(inputs).items():
+        try:
+            results[name] = getattr(prune_compress, fn)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported by the test that asked for this call
+            results[name] = f"{type(e).__name__}: {e}"
+    torch.save(results, outputs)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.int16)
+
+
+def _weights(m, k, dtype, kind, seed, device="cpu"):
+    """Random weights; 'ties' and 'zeros' stress the tie rule and the zero handling."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, k, generator=g)
+    if kind == "ties":  # few distinct magnitudes: many tiles have several best patterns
+        w = torch.randint(-2, 3, (m, k), generator=g).float()
+    elif kind == "zeros":  # exact +0/-0, whole zero tiles, groups with one nonzero
+        w = torch.where(torch.rand(m, k, generator=g) < 0.6, torch.zeros(()), w)
+        w = torch.where(torch.rand(m, k, generator=g) < 0.5, -w, w)
+        w[:4, :4] = 0.0
+        w[4:8, :8] = -0.0
+    return w.to(dtype).to(device)
+
+
+SHAPES = [(64, 64), (128, 192), (192, 128)]
+KINDS = ["random", "ties", "zeros"]
+
+
+# ------------------------------------------------------------------------------------------ CPU
+def _mask_case():
+    w = _weights(128, 128, torch.bfloat16, "zeros", seed=7)
+    mask = mask_24_transposable(torch.rand(128, 128, generator=torch.Generator().manual_seed(8)))
+    return w, mask
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    if triton_missing:
+        pytest.skip("triton is not installed")
+    runner = _Interpreted()
+    for m, k in SHAPES:
+        for kind in KINDS:
+            runner.add(f"prune-{kind}-{m}x{k}", "prune_compress_transposable", _prune_input(m, k, kind))
+    w, mask = _mask_case()
+    runner.add("mask", "compress_masked", w, mask)
+    runner.add("mask-no-t", "compress_masked", w, mask, transposed=False)
+    runner.add("values", "compress_pruned", w * mask)
+    runner.add("meta", "prune_compress_transposable", _weights(128, 192, torch.bfloat16, "random", seed=3))
+    runner.run(tmp_path_factory.mktemp("interpreter"))
+    return runner
+
+
+def _prune_input(m, k, kind):
+    return _weights(m, k, torch.bfloat16 if kind != "ties" else torch.float16, kind, seed=m * 31 + k)
+
+
+@pytest.mark.parametrize("m,k", SHAPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_prune_mode_equals_torch_reference(interpreted, m, k, kind):
+    w = _prune_input(m, k, kind)
+    c, c_t, mask = interpreted[f"prune-{kind}-{m}x{k}"]
+    ref_mask = mask_24_transposable(w.abs())
+    assert torch.equal(mask, ref_mask)
+    masked = w * ref_mask
+    assert c.shape == (m, k // 2 + k // 16) and c_t.shape == (k, m // 2 + m // 16)
+    assert torch.equal(_bits(c), _bits(compress_sm90(masked)))
+    assert torch.equal(_bits(c_t), _bits(compress_sm90(masked.t().contiguous())))
+
+
+def test_mask_and_values_modes_equal_torch_reference(interpreted):
+    w, mask = _mask_case()
+    masked = w * mask
+    c, c_t = interpreted["mask"]
+    assert torch.equal(_bits(c), _bits(compress_sm90(masked)))
+    assert torch.equal(_bits(c_t), _bits(compress_sm90(masked.t().contiguous())))
+    c2, c2_t = interpreted["values"]
+    assert torch.equal(_bits(c2), _bits(c)) and torch.equal(_bits(c2_t), _bits(c_t))
+    c3, none = interpreted["mask-no-t"]
+    assert none is None and torch.equal(_bits(c3), _bits(c))
+
+
+def test_rejects_shapes_and_dtypes_it_cannot_lay_out():
+    if triton_missing:
+        pytest.skip("triton is not installed")
+    from sparsetrain.kernels import prune_compress  # the checks run on the host, before any launch
+    with pytest.raises(ValueError, match="multiples of 64"):
+        prune_compress.prune_compress_transposable(torch.randn(64, 96, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        prune_compress.prune_compress_transposable(torch.randn(64, 64))
+
+
+def _numpy_nibble_index(r, g, k):
+    """The sm90 nibble position, re-derived bit by bit from gpu-facts.md (independent of the kernel)."""
+    order = [("r", 3), ("g", 2), ("g", 0), ("g", 1), ("r", 0), ("r", 1), ("r", 2), ("r", 4), ("r", 5), ("g", 3)]
+    inner = np.zeros_like(r)
+    for dst, (which, src) in enumerate(order):
+        inner |= (((r if which == "r" else g) >> src) & 1) << dst
+    return ((r // 64) * (k // 64) + g // 16) * 1024 + inner
+
+
+def test_metadata_order_matches_numpy_rederivation(interpreted):
+    m, k = 128, 192
+    w = _weights(m, k, torch.bfloat16, "random", seed=3)
+    c, _, mask = interpreted["meta"]
+    meta = c.reshape(-1)[m * k // 2:].contiguous().view(torch.uint8).numpy()
+    stream = np.stack([meta & 0xF, meta >> 4], 1).reshape(-1)
+    r, g = np.meshgrid(np.arange(m), np.arange(k // 4), indexing="ij")
+    got = stream[_numpy_nibble_index(r, g, k)]
+    kept = mask.view(m, k // 4, 4).numpy()
+    first = kept.argmax(-1)
+    second = 3 - kept[..., ::-1].argmax(-1)
+    np.testing.assert_array_equal(got, first | (second << 2))
+    values = c.reshape(-1)[: m * k // 2].float().numpy()
+    np.testing.assert_array_equal(values, (w * mask)[mask].float().numpy())
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def _gpu_kernels():
+    from sparsetrain import kernels
+    if not kernels.available():
+        pytest.skip("needs Triton and a CUDA GPU")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the compressed layout is sm90's")
+    return kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(64, 64), (768, 3072), (3072, 768), (4096, 1024), (1024, 4096), (192, 320)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_prune_mode_equals_cslt_compress(m, k, dtype, kind):
+    kernels = _gpu_kernels()
+    w = _weights(m, k, dtype, kind, seed=m + k, device="cuda")
+    c, c_t, mask = kernels.prune_compress_transposable(w)
+    ref_mask = mask_24_transposable(w.abs())
+    assert torch.equal(mask, ref_mask)
+    if m * k <= 1 << 16:  # the CPU reference is slow on big shapes; CPU == CUDA is masks.py's own test
+        assert torch.equal(mask.cpu(), mask_24_transposable(w.abs().cpu()))
+    masked = w * ref_mask
+    ref, ref_t = torch._cslt_compress(masked), torch._cslt_compress(masked.t().contiguous())
+    assert c.numel() == ref.numel() and torch.equal(_bits(c), _bits(ref))
+    assert torch.equal(_bits(c_t), _bits(ref_t))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_mask_and_values_modes_equal_cslt_compress(kind):
+    kernels = _gpu_kernels()
+    w = _weights(1024, 4096, torch.bfloat16, kind, seed=11, device="cuda")
+    mask = mask_24_transposable(torch.rand(1024, 4096, device="cuda"))
+    assert is_transposable_24(mask)
+    masked = w * mask
+    ref, ref_t = torch._cslt_compress(masked), torch._cslt_compress(masked.t().contiguous())
+    for c, c_t in (kernels.compress_masked(w, mask), kernels.compress_pruned(masked)):
+        assert torch.equal(_bits(c), _bits(ref))
+        assert torch.equal(_bits(c_t), _bits(ref_t))
+
+
+@pytest.mark.gpu
+def test_gpu_products_match_masked_dense():
+    kernels = _gpu_kernels()
+    w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    c, c_t, mask = kernels.prune_compress_transposable(w)
+    wm = (w * mask).float()
+    y = torch._cslt_sparse_mm(c, x.t(), transpose_result=True)
+    gx = torch._cslt_sparse_mm(c_t, gy.t(), transpose_result=True)
+    for got, ref in ((y, x.float() @ wm.t()), (gx, gy.float() @ wm)):
+        assert float((got.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_every_output_element_is_written():
+    kernels = _gpu_kernels()
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    for fill in (0.0, float("nan")):  # poisoned allocations: a skipped element shows up as a mismatch
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 22,), fill, device="cuda", dtype=torch.bfloat16)
+        del junk
+        c, c_t, mask = kernels.prune_compress_transposable(w)
+        masked = w * mask
+        assert torch.equal(_bits(c), _bits(torch._cslt_compress(masked)))
+        assert torch.equal(_bits(c_t), _bits(torch._cslt_compress(masked.t().contiguous())))
+
+
+if __name__ == "__main__":  # the interpreter's child process (see _Interpreted)
+    _interpreter_worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,265 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand_block_mask, set_block_level
+from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
+from sparsetrain.sparse.masks import is_24, is_transposable_24, mask_24, mask_24_transposable
+from sparsetrain.sparse.modules import SparseConv1x1, SparseLinear
+from sparsetrain.sparse.schedules import PruneSchedule
+
+TIGHT = dict(rtol=1e-5, atol=1e-5)
+
+
+def seeded_linear(n_in=32, n_out=16, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+def test_from_dense_shares_parameters_and_keeps_names():
+    dense = seeded_linear()
+    sparse = SparseLinear.from_dense(dense, Semi24Config(), "fc")
+    assert sparse.weight is dense.weight and sparse.bias is dense.bias
+    assert [n for n, _ in sparse.named_parameters()] == ["weight", "bias"]
+    assert set(sparse.state_dict()) == {"weight", "bias", "mask", "sparse_active", "mask_step", "mask_frozen"}
+    with pytest.raises(TypeError, match="from_dense"):
+        SparseLinear(4, 4)
+    with pytest.raises(ValueError, match="not a multiple of 4.*leave it dense"):
+        SparseLinear.from_dense(nn.Linear(10, 8), Semi24Config(), "odd")
+
+
+@pytest.mark.parametrize("transposable", [True, False])
+def test_semi24_forward_equals_masked_dense(transposable):
+    dense = seeded_linear()
+    sparse = SparseLinear.from_dense(dense, Semi24Config(transposable=transposable), "fc").eval()
+    assert is_transposable_24(sparse.mask) if transposable else is_24(sparse.mask)
+    x = torch.randn(3, 5, 32)
+    reference = F.linear(x, dense.weight * sparse.mask, dense.bias)
+    torch.testing.assert_close(sparse(x), reference, **TIGHT)
+
+
+def test_inactive_layer_is_exactly_nn_linear():
+    dense = seeded_linear()
+    x = torch.randn(4, 32)
+    expected = dense(x)
+    sparse = SparseLinear.from_dense(dense, Semi24Config(), "fc")
+    sparse.set_active(False)
+    assert torch.equal(sparse(x), expected)
+
+
+def test_autocast_bf16_trains_the_fp32_master_weight():
+    dense = seeded_linear()
+    sparse = SparseLinear.from_dense(dense, Semi24Config(grad_mode="ste"), "fc").train()
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse(x)
+    assert y.dtype == torch.bfloat16
+    assert sparse.backend_name == "emulated"
+    # The training forward took its mask from the bf16 copy of the weight.
+    assert torch.equal(sparse.mask, mask_24_transposable(dense.weight.detach().bfloat16().abs()))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert dense.weight.grad.dtype == torch.float32
+    expected = gy.t().float() @ x.bfloat16().float()  # STE: the dense gradient, pruned entries included
+    torch.testing.assert_close(dense.weight.grad, expected, rtol=2e-2, atol=2e-2)
+    assert (dense.weight.grad[~sparse.mask] != 0).all()
+
+
+def test_masked_grad_mode_zeroes_pruned_gradients():
+    dense = seeded_linear()
+    sparse = SparseLinear.from_dense(dense, Semi24Config(grad_mode="masked"), "fc")
+    sparse(torch.randn(6, 32)).sum().backward()
+    assert (dense.weight.grad[~sparse.mask] == 0).all()
+    assert (dense.weight.grad[sparse.mask] != 0).all()
+
+
+def test_training_forward_refreshes_the_mask_unless_frozen_or_eval():
+    sparse = SparseLinear.from_dense(seeded_linear(), Semi24Config(), "fc")
+    old = sparse.mask.clone()
+    with torch.no_grad():
+        sparse.weight.copy_(torch.randn_like(sparse.weight))
+    sparse.eval()(torch.randn(2, 32))
+    assert torch.equal(sparse.mask, old)  # eval uses the stored mask
+    sparse.train()
+    sparse.set_mask_frozen(True)
+    sparse(torch.randn(2, 32))
+    assert torch.equal(sparse.mask, old)
+    sparse.set_mask_frozen(False)
+    sparse(torch.randn(2, 32))
+    assert not torch.equal(sparse.mask, old)
+    expected_rate = (sparse.mask ^ old).float().mean().item()
+    assert sparse.pop_flip_rate() == pytest.approx(expected_rate)
+    assert sparse.pop_flip_rate() == 0.0
+
+
+def test_update_mask_returns_flip_rate_and_records_step():
+    sparse = SparseLinear.from_dense(seeded_linear(), Semi24Config(), "fc")
+    assert sparse.update_mask(step=3) == 0.0
+    with torch.no_grad():
+        sparse.weight.neg_().add_(torch.randn_like(sparse.weight))
+    old = sparse.mask.clone()
+    rate = sparse.update_mask(step=7)
+    assert rate == pytest.approx((sparse.mask ^ old).float().mean().item()) and rate > 0
+    assert sparse.mask_step.item() == 7
+    with pytest.raises(ValueError, match="always 0.5"):
+        sparse.update_mask(level=0.7)
+
+
+def test_apply_phase_follows_the_schedule():
+    sparse = SparseLinear.from_dense(seeded_linear(), Semi24Config(), "fc")
+    schedule = PruneSchedule(kind="one_shot", pattern="semi24", prune_step=2)
+    sparse.apply_phase(schedule.phase(0), 0)
+    assert not sparse.sparse_active.item()
+    sparse.apply_phase(schedule.phase(2), 2)
+    assert sparse.sparse_active.item() and not sparse.mask_frozen.item() and sparse.mask_step.item() == 2
+    sparse.apply_phase(schedule.phase(3), 3)
+    assert sparse.mask_frozen.item() and sparse.mask_step.item() == 2
+
+
+def test_conv1x1_equals_conv2d_with_masked_weight_in_both_layouts():
+    torch.manual_seed(0)
+    dense = nn.Conv2d(16, 8, kernel_size=1, bias=True)
+    sparse = SparseConv1x1.from_dense(dense, Semi24Config(), "conv").eval()
+    assert sparse.mask.shape == (8, 16)
+    x = torch.randn(2, 16, 5, 3)
+    reference = F.conv2d(x, dense.weight * sparse.mask[:, :, None, None], dense.bias)
+    torch.testing.assert_close(sparse(x), reference, **TIGHT)
+    y_cl = sparse(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, reference, **TIGHT)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    sparse.set_active(False)
+    assert torch.equal(sparse(x), dense(x))
+
+
+def test_conv1x1_rejects_strided_convs():
+    with pytest.raises(ValueError, match="stride"):
+        SparseConv1x1.from_dense(nn.Conv2d(16, 8, 1, stride=2), Semi24Config(), "down")
+
+
+def test_srste_adds_decay_on_pruned_weights():
+    lam = 0.1
+    dense = seeded_linear()
+    sparse = SparseLinear.from_dense(dense, Semi24Config(grad_mode="srste", srste_lambda=lam), "fc")
+    x = torch.randn(4, 32)
+    sparse(x).sum().backward()
+    dense_grad = torch.ones(4, 16).t() @ x
+    expected = dense_grad + lam * dense.weight.detach() * ~sparse.mask
+    torch.testing.assert_close(dense.weight.grad, expected, **TIGHT)
+
+
+def test_block_magnitude_forward_and_measured_sparsity():
+    dense = seeded_linear(32, 16)
+    sparse = SparseLinear.from_dense(dense, BlockConfig(block_size=8, sparsity=0.75), "fc").eval()
+    kept_blocks = block_mask_from_scores(block_norms(dense.weight, 8), 0.75)
+    assert kept_blocks.sum() == 2  # round(0.25 * 8)
+    assert torch.equal(sparse.mask, expand_block_mask(kept_blocks, 8))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(sparse(x), F.linear(x, dense.weight * sparse.mask, dense.bias), **TIGHT)
+    row = sparse.describe()
+    assert row["measured_sparsity"] == pytest.approx(0.75) and row["level"] == 0.75
+    assert row["pattern"] == "block" and row["kind"] == "linear" and row["shape"] == (16, 32)
+
+
+@pytest.mark.parametrize("grad_mode", ["ste", "masked"])
+def test_block_scores_train_with_the_weights(grad_mode):
+    dense = seeded_linear(32, 16)
+    sparse = SparseLinear.from_dense(dense, BlockConfig(block_size=8, sparsity=0.5, criterion="scores",
+                                                        grad_mode=grad_mode), "fc")
+    assert isinstance(sparse.block_scores, nn.Parameter)
+    assert torch.equal(sparse.block_scores.detach(), block_norms(dense.weight, 8))
+    assert "block_scores" in dict(sparse.named_parameters())
+    x = torch.randn(5, 32)
+    y = sparse(x)
+    torch.testing.assert_close(y, F.linear(x, dense.weight * sparse.mask, dense.bias), **TIGHT)
+    y.sum().backward()
+    upstream = torch.ones(5, 16).t() @ x
+    expected_scores = (upstream * dense.weight.detach()).reshape(2, 8, 4, 8).sum(dim=(1, 3))
+    torch.testing.assert_close(sparse.block_scores.grad, expected_scores, **TIGHT)
+    pruned = ~sparse.mask
+    assert (dense.weight.grad[pruned] == 0).all() == (grad_mode == "masked")
+
+
+def test_set_block_level_switches_masks_of_every_block_layer():
+    model = nn.Sequential(
+        SparseLinear.from_dense(seeded_linear(32, 16), BlockConfig(block_size=8, sparsity=0.5), "0"),
+        SparseLinear.from_dense(seeded_linear(16, 32, seed=1), BlockConfig(block_size=8, sparsity=0.5,
+                                                                            criterion="scores"), "1"),
+    )
+    set_block_level(model, 0.75)
+    assert all(layer.level == 0.75 for layer in model)
+    assert all(layer.mask.float().mean().item() == pytest.approx(0.25) for layer in model)
+    set_block_level(model, 0.0)
+    assert all(layer.mask.all() for layer in model)
+
+
+def test_block_level_survives_a_checkpoint():
+    config = BlockConfig(block_size=8, sparsity=0.5, criterion="scores")
+    source = SparseLinear.from_dense(seeded_linear(32, 16), config, "fc")
+    source.set_level(0.75)
+    target = SparseLinear.from_dense(seeded_linear(32, 16, seed=5), config, "fc")
+    target.load_state_dict(source.state_dict())
+    assert target.level == pytest.approx(0.75)
+    torch.testing.assert_close(target.effective_weight(), source.effective_weight(), rtol=0, atol=0)
+
+
+def test_dense_checkpoint_loads_strictly_and_masks_follow_its_weights():
+    dense = seeded_linear(32, 16, seed=3)
+    sparse = SparseLinear.from_dense(seeded_linear(32, 16, seed=4), BlockConfig(block_size=8, sparsity=0.5,
+                                                                                 criterion="scores"), "fc")
+    sparse.load_state_dict(dense.state_dict())
+    assert torch.equal(sparse.weight, dense.weight)
+    assert torch.equal(sparse.block_scores.detach(), block_norms(dense.weight, 8))
+    expected = expand_block_mask(block_mask_from_scores(block_norms(dense.weight, 8), 0.5), 8)
+    assert torch.equal(sparse.mask, expected)
+
+
+def test_act24_prunes_the_inputs_and_leaves_the_weight_dense():
+    dense = seeded_linear(32, 16)
+    sparse = SparseLinear.from_dense(dense, Act24Config(), "mlp.fc2")
+    assert sparse.mask.all() and sparse.describe()["measured_sparsity"] == 0.0
+    x = torch.randn(4, 32, requires_grad=True)
+    y = sparse(x)
+    x_pruned = x.detach() * mask_24(x.detach().abs())
+    torch.testing.assert_close(y, F.linear(x_pruned, dense.weight, dense.bias), **TIGHT)
+    y.sum().backward()
+    assert (x.grad[~mask_24(x.detach().abs())] == 0).all()
+
+
+def test_cusparselt_request_is_deferred_to_the_first_forward():
+    sparse = SparseLinear.from_dense(seeded_linear(64, 64), Semi24Config(backend="cusparselt"), "fc")
+    assert sparse.describe()["backend"] == "cusparselt"
+    with pytest.raises(ValueError, match="cusparselt cannot run"):
+        sparse(torch.randn(2, 64))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_picks_cusparselt_and_matches_masked_dense():
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 128).cuda()
+    sparse = SparseLinear.from_dense(dense, Semi24Config(), "fc").train()
+    x = torch.randn(3, 40, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = sparse(x)
+    assert sparse.backend_name == "cusparselt" and y.dtype == torch.bfloat16
+    w_masked = dense.weight.detach().bfloat16() * sparse.mask
+    reference = F.linear(x.detach().bfloat16(), w_masked, dense.bias.detach().bfloat16())
+    torch.testing.assert_close(y, reference, rtol=2e-2, atol=2e-2)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    torch.testing.assert_close(x.grad, (gy @ w_masked).float(), rtol=2e-2, atol=2e-2)
+    expected_w_grad = gy.reshape(-1, 128).t().float() @ x.detach().bfloat16().float().reshape(-1, 256)
+    torch.testing.assert_close(dense.weight.grad, expected_w_grad, rtol=2e-2, atol=5e-1)
+
+
+@pytest.mark.gpu
+def test_cuda_conv1x1_channels_last_matches_conv2d():
+    torch.manual_seed(0)
+    dense = nn.Conv2d(128, 64, kernel_size=1).cuda()
+    sparse = SparseConv1x1.from_dense(dense, Semi24Config(), "conv").eval()
+    x = torch.randn(4, 128, 7, 7, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = sparse(x)
+        reference = F.conv2d(x, dense.weight * sparse.mask[:, :, None, None], dense.bias)
+    assert sparse.backend_name == "cusparselt"
+    torch.testing.assert_close(y, reference, rtol=2e-2, atol=2e-2)

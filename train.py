@@ -5,6 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import sparsetrain.training.resolvers  # noqa: F401  (registers ${job_dirname:...})
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):

@@ -311,9 +311,9 @@ class SparseGemmLayer(nn.Module):
         in the parameter's shape and dtype."""
         if not self._active or isinstance(self.sparse_config, Act24Config):
             return self.weight.detach().clone()
-        mask = self.mask
-        if isinstance(self.sparse_config, BlockConfig) and self.sparse_config.criterion == "scores" and not self._frozen:
-            mask = self._fresh_mask()
+        config = self.sparse_config
+        scores_pick_mask = isinstance(config, BlockConfig) and config.criterion == "scores" and not self._frozen
+        mask = self._fresh_mask() if scores_pick_mask else self.mask
         return self.weight.detach() * mask.view(self.weight.shape)
 
     def describe(self) -> dict:

@@ -35,11 +35,6 @@ class Phase:
     level: float
     update_mask: bool
 
-    @property
-    def frozen(self) -> bool:
-        """Sparsity is on and the mask stays as it is this step."""
-        return self.active and not self.update_mask
-
 
 DENSE_WARMUP = Phase("dense_warmup", active=False, level=0.0, update_mask=False)
 DENSE_FINETUNE = Phase("dense_finetune", active=False, level=0.0, update_mask=False)

@@ -7,7 +7,6 @@ from typing import Optional
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, mask_checksum, sparse_modules
@@ -91,18 +90,23 @@ class Throughput(L.Callback):
 
 
 class LayerReport(L.Callback):
-    """Prints the per-layer table at start and saves it as <run_dir>/layers.json."""
+    """Prints the per-layer table once the first training step has run (backends are chosen for the
+    device and compute dtype of that first forward) and saves it as <run_dir>/layers.json."""
 
     def __init__(self, run_dir: Path, records: list):
         self.run_dir = Path(run_dir)
         self.records = records
+        self.reported = False
 
-    @rank_zero_only
-    def on_fit_start(self, trainer, pl_module):
-        rows = merge_records(self.records, layer_table(pl_module.model))
-        print_layer_table(rows)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "layers.json").write_text(json.dumps(rows, indent=1))
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.reported:
+            return
+        self.reported = True
+        if trainer.is_global_zero:
+            rows = merge_records(self.records, layer_table(pl_module.model))
+            print_layer_table(rows)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "layers.json").write_text(json.dumps(rows, indent=1))
 
 
 def merge_records(records: list, table: list) -> list:

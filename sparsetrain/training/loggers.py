@@ -2,6 +2,7 @@
 run id per run directory so that a resumed run continues the same wandb run."""
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -22,9 +23,7 @@ def wandb_run_id(run_dir: Path) -> str:
     path = Path(run_dir) / "wandb_id.txt"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # wandb ids are short lowercase alphanumerics
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)"
 
-if [ -z "${SKIP_PROBE:-}" ]; then
+if [ -n "${PROBE_ZEROS:-}" ]; then
 step "probe: which slots _cslt_compress stores for groups with fewer than 2 nonzeros"
 $PY - <<'EOF'
 # Every group of 4 with at most 2 nonzeros, zeros of both signs: does cuSPARSELt store the
@@ -55,36 +55,39 @@ print(f"zero-group rule: {bad} of {m * k // 4} groups differ from 'nonzeros, the
 EOF
 fi
 
+step "build the cuSPARSELt plan cache (full compiler output on failure)"
+$PY -c "from sparsetrain.kernels import cslt_plans; print(cslt_plans._build())"
+
 if [ -z "${SKIP_TESTS:-}" ]; then
 step "GPU tests"
 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -40
 fi
 
 if [ -z "${SKIP_TUNE:-}" ]; then
-step "kernel tuning: warps per program, modes (4096x1024 bf16, weights cycled past L2)"
+step "kernel tuning: store order (v1 shuffled / v2 natural) x warps, 4096x1024 bf16, weights cycled past L2"
 $PY - <<'EOF'
 import sys, torch
 sys.path.insert(0, "scripts")
 from bench import Timer
 from sparsetrain.kernels import prune_compress as pc
-from sparsetrain.sparse import mask_24_transposable
 t = Timer(quick=False)
 m, k = 4096, 1024
 ws = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(12)]
-masks = [mask_24_transposable(w.abs()) for w in ws]
-floor_bytes = {"prune+mask": m * k * 2 + 2 * m * k * 9 // 8 + m * k, "prune": m * k * 2 + 2 * m * k * 9 // 8,
-               "mask": m * k * 3 + 2 * m * k * 9 // 8, "values": m * k * 2 + 2 * m * k * 9 // 8}
-for warps in (2, 4, 8):
-    pc.NUM_WARPS = warps
-    for name, fns in {"prune+mask": [lambda w=w: pc.prune_compress_transposable(w) for w in ws],
-                      "prune": [lambda w=w: pc.prune_compress_transposable(w, want_mask=False) for w in ws],
-                      "mask": [lambda w=w, mk=mk: pc.compress_masked(w, mk) for w, mk in zip(ws, masks)],
-                      "values": [lambda w=w: pc.compress_pruned(w) for w in ws]}.items():
-        if warps != 4 and name != "prune+mask":
-            continue
-        ms = [t.graph_ms(fns) for _ in range(2)]  # twice: the spread says what counts as noise
-        gbs = floor_bytes[name] / (min(ms) * 1e-3) / 1e9
-        print(f"warps={warps} {name:11s} graph ms {ms[0]:.4f} {ms[1]:.4f}  ({gbs:.0f} GB/s of the minimum bytes)")
+ref = None
+floor = {"prune+mask": m * k * 2 + 2 * m * k * 9 // 8 + m * k, "values": m * k * 2 + 2 * m * k * 9 // 8}
+for coalesce in (False, True):
+    for warps in (2, 4):
+        pc.COALESCE, pc.NUM_WARPS = coalesce, warps
+        out = pc.prune_compress_transposable(ws[0])
+        same = ref is None or all(torch.equal(a, b) for a, b in zip(out, ref))
+        ref = ref or out
+        for name, fns in {"prune+mask": [lambda w=w: pc.prune_compress_transposable(w) for w in ws],
+                          "values": [lambda w=w: pc.compress_pruned(w) for w in ws]}.items():
+            ms = [t.graph_ms(fns) for _ in range(2)]  # twice: the spread says what counts as noise
+            gbs = floor[name] / (min(ms) * 1e-3) / 1e9
+            print(f"coalesce={coalesce} warps={warps} {name:10s} graph ms {ms[0]:.4f} {ms[1]:.4f} "
+                  f"({gbs:.0f} GB/s of the minimum bytes) same_bytes_as_first={same}")
+pc.COALESCE, pc.NUM_WARPS = True, 2
 EOF
 fi
 

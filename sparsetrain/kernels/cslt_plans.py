@@ -1,9 +1,9 @@
 """`sparse_mm`: torch._cslt_sparse_mm's GEMM with its cuSPARSELt plan built once per shape.
 
 torch._cslt_sparse_mm costs about 580 us of CPU time per call (it rebuilds descriptors and a
-plan every time), more than the GEMM itself at ViT sizes. `cslt_plans.c` keeps one plan per
+plan every time), more than the GEMM itself at ViT sizes. `cslt_plans.cpp` keeps one plan per
 (shapes, layout, dtype, algorithm) and is called through ctypes. It is compiled on first use with
-the system C compiler against the cusparseLt.h that ships in the nvidia-cusparselt wheel, and
+the system C++ compiler against the cusparseLt.h that ships in the nvidia-cusparselt wheel, and
 links the libcusparseLt.so.0 that torch itself loads. No torch C++ headers, so no ABI coupling.
 
 Only the layout our 2:4 linears use is offered: A compressed (m, k), B given as `x.t()` of a
@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-_SOURCE = pathlib.Path(__file__).with_name("cslt_plans.c")
+_SOURCE = pathlib.Path(__file__).with_name("cslt_plans.cpp")
 _lock = threading.Lock()
 _lib = None
 _plans: dict = {}  # key -> (plan pointer, workspace tensor or None)
@@ -56,15 +56,17 @@ def _build() -> pathlib.Path:
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
-        raise RuntimeError("no C compiler found to build the cuSPARSELt plan cache; set CC or use torch._cslt_sparse_mm")
+        raise RuntimeError("no C++ compiler found to build the cuSPARSELt plan cache; set CXX or use "
+                           "torch._cslt_sparse_mm")
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [compiler, "-O2", "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp), f"-I{lt_include}", f"-I{cuda_include}", f"-I{cusparse_include}",
+    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp), f"-I{lt_include}", f"-I{cuda_include}", f"-I{cusparse_include}",
            f"-L{lt_lib}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lt_lib}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"building the cuSPARSELt plan cache failed:\n{' '.join(cmd)}\n{done.stderr[-2000:]}")
+        # The compiler's first lines name the cause; the command is last because it is long.
+        raise RuntimeError(f"building the cuSPARSELt plan cache failed:\n{done.stderr[:1500]}\ncommand: {' '.join(cmd)}")
     tmp.replace(target)  # atomic: concurrent builders each write their own tmp
     return target
 
@@ -76,7 +78,7 @@ def _library():
             torch.cuda.init()  # torch loads libcusparseLt first, so ours resolves to the same copy
             lib = ctypes.CDLL(str(_build()))
             lib.st_plan_create.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 4 + [
-                ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+                ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
             lib.st_plan_create.restype = ctypes.c_int
             lib.st_matmul.argtypes = [ctypes.c_void_p] * 6
             lib.st_matmul.restype = ctypes.c_int
@@ -91,13 +93,13 @@ def _check(lib, status: int, what: str) -> None:
         raise RuntimeError(f"cuSPARSELt {what} failed: {lib.st_error_name(status).decode()} ({status})")
 
 
-def _plan(lib, m, n, k, dense_row_major, transpose_result, dtype, alg_id, device):
-    key = (m, n, k, dense_row_major, transpose_result, dtype, alg_id, device)
+def _plan(lib, m, n, k, dense_row_major, transpose_result, dtype, alg_id, device, bias_ptr):
+    key = (m, n, k, dense_row_major, transpose_result, dtype, alg_id, device, bias_ptr)
     entry = _plans.get(key)
     if entry is None:
         plan, workspace = ctypes.c_void_p(), ctypes.c_size_t()
         _check(lib, lib.st_plan_create(m, n, k, int(dense_row_major), int(transpose_result),
-                                       int(dtype == torch.float16), alg_id, ctypes.byref(plan),
+                                       int(dtype == torch.float16), alg_id, bias_ptr, ctypes.byref(plan),
                                        ctypes.byref(workspace)), "plan init")
         buffer = torch.empty(workspace.value, dtype=torch.uint8, device=device) if workspace.value else None
         entry = _plans[key] = (plan.value, buffer)
@@ -105,11 +107,13 @@ def _plan(lib, m, n, k, dense_row_major, transpose_result, dtype, alg_id, device
 
 
 def sparse_mm(compressed: torch.Tensor, dense: torch.Tensor, transpose_result: bool = True,
-              alg_id: int = 0) -> torch.Tensor:
-    """Same result as torch._cslt_sparse_mm(compressed, dense, transpose_result=..., alg_id=...).
+              alg_id: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as torch._cslt_sparse_mm(compressed, dense, bias, transpose_result=..., alg_id=...).
 
     compressed: (m, k/2 + k/16) from torch._cslt_compress or the prune_compress kernel.
     dense: (k, n), either contiguous or the transpose of a contiguous (n, k) tensor.
+    bias: None or a contiguous (m,) vector of the same dtype; one plan is kept per bias storage,
+    so pass long-lived tensors (a layer's bias parameter), not fresh temporaries.
     """
     if dense.dtype not in (torch.float16, torch.bfloat16) or compressed.dtype != dense.dtype:
         raise ValueError(f"sparse_mm takes fp16/bf16 operands of one dtype, got {compressed.dtype} and {dense.dtype}")
@@ -119,7 +123,10 @@ def sparse_mm(compressed: torch.Tensor, dense: torch.Tensor, transpose_result: b
     row_major = dense.is_contiguous()
     if not (row_major or dense.t().is_contiguous()):
         raise ValueError("the dense operand must be contiguous or the transpose of a contiguous tensor")
-    plan, workspace = _plan(lib, m, n, k, row_major, transpose_result, dense.dtype, alg_id, dense.device)
+    if bias is not None and (bias.dtype != dense.dtype or bias.shape != (m,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous ({m},) {dense.dtype} vector, got {bias.dtype} {tuple(bias.shape)}")
+    bias_ptr = None if bias is None else bias.data_ptr()
+    plan, workspace = _plan(lib, m, n, k, row_major, transpose_result, dense.dtype, alg_id, dense.device, bias_ptr)
     out = torch.empty((n, m) if transpose_result else (m, n), dtype=dense.dtype, device=dense.device)
     stream = torch.cuda.current_stream(dense.device).cuda_stream
     _check(lib, lib.st_matmul(plan, compressed.data_ptr(), dense.data_ptr(), out.data_ptr(),

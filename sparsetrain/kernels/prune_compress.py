@@ -14,7 +14,8 @@ Where the mask comes from (MODE):
   MASK   - a given bool mask (2:4 per row, and per column when the transpose is written).
   VALUES - W is already pruned: kept = nonzero, as `_cslt_compress` sees it.
 A group whose kept values are not all nonzero is stored as cuSPARSELt stores W*mask: its nonzeros
-plus the lowest-index zeros (the sign of a zero is the product's sign, as in `W * mask`).
+plus the highest-index zeros (measured on sm90; the sign of a zero is the product's sign, as in
+`W * mask`).
 """
 import torch
 import triton
@@ -22,7 +23,8 @@ import triton.language as tl
 
 MODE_PRUNE, MODE_MASK, MODE_VALUES = 0, 1, 2
 BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
-NUM_WARPS = 4  # 128 threads for 256 tiles; see docs/perf-notes.md for the measured alternatives
+NUM_WARPS = 2  # 64 threads for 256 tiles: measured fastest of 2/4/8 (docs/perf-notes.md)
+COALESCE = True  # stores in natural tile order (v2); False is v1's order, kept to compare
 _TILES = BLOCK // 4
 # mask_24_transposable clamps scores to this so that a sum of 8 never overflows; so do we.
 _SCORE_BOUND = torch.finfo(torch.float32).max / 8
@@ -152,20 +154,22 @@ def _best_pattern(s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s3
 
 @triton.jit
 def _positions(k0, k1, k2, k3, z0, z1, z2, z3):
-    """Stored slots (i, j) of a group: its kept nonzeros, then the lowest-index other slots.
+    """Stored slots (i, j) of a group, as cuSPARSELt 0.8 on sm90 picks them from W*mask.
 
-    k: kept (0/1), z: value is zero (0/1). With two kept nonzeros this is just the two kept slots.
+    k: kept (0/1), z: value is a zero of either sign (0/1). Measured on the H100 (docs/perf-notes.md):
+    the nonzeros first, then the highest-index zero slots, e.g. (n,0,0,0) -> (0,3),
+    (0,0,0,n) -> (2,3), all zeros -> (2,3). With two kept nonzeros it is just the kept slots.
     """
     n0 = k0 & (1 - z0)
     n1 = k1 & (1 - z1)
     n2 = k2 & (1 - z2)
     n3 = k3 & (1 - z3)
     total = n0 + n1 + n2 + n3
-    # A slot is stored if fewer than 2 slots beat it (nonzero beats zero, then lower index wins).
-    c0 = (n0 == 1) | (total < 2)
-    c1 = (n1 == 1) | (total + (1 - n0) < 2)
-    c2 = (n2 == 1) | (total + (1 - n0) + (1 - n1) < 2)
-    c3 = (n3 == 1) | (total + (1 - n0) + (1 - n1) + (1 - n2) < 2)
+    # A zero slot is stored if the nonzeros plus the zero slots above it leave room (< 2).
+    c3 = (n3 == 1) | (total < 2)
+    c2 = (n2 == 1) | (total + (1 - n3) < 2)
+    c1 = (n1 == 1) | (total + (1 - n3) + (1 - n2) < 2)
+    c0 = (n0 == 1) | (total + (1 - n3) + (1 - n2) + (1 - n1) < 2)
     i = tl.where(c0, 0, tl.where(c1, 1, 2))
     j = tl.where(c3, 3, tl.where(c2, 2, 1))
     return i, j
@@ -208,27 +212,60 @@ def _keep_bits_of(bits, a: tl.constexpr):
 
 
 @triton.jit
+def _natural(x):
+    """(16, 16) tensor from (u, v) order to natural (tile row, tile column) order.
+
+    Stores then see consecutive addresses along the last axis, so the compiler can coalesce
+    them; in (u, v) order it cannot prove that and writes each word on its own.
+    """
+    x = tl.reshape(tl.permute(tl.reshape(x, (2, 2, 2, 2, 16)), (0, 2, 1, 3, 4)), (16, 16))
+    return tl.reshape(tl.permute(tl.reshape(x, (16, 2, 2, 2, 2)), (0, 1, 3, 2, 4)), (16, 16))
+
+
+@triton.jit
+def _store_rows(ptr, word, grow, ggroup, bi, bj, a: tl.constexpr, K, COALESCE: tl.constexpr):
+    """Store one 32-bit word per (tile row, tile column) of row a of every tile, row-major (m, k/4)."""
+    if COALESCE:
+        n = tl.arange(0, 16)
+        rows = bi * 64 + 4 * n[:, None] + a
+        tl.store(ptr + rows.to(tl.int64) * (K // 4) + bj * 16 + n[None, :], _natural(word))
+    else:
+        tl.store(ptr + grow.to(tl.int64) * (K // 4) + ggroup, word)
+
+
+@triton.jit
+def _store_cols(ptr, word, gcol, ggroup, bi, bj, b: tl.constexpr, M, COALESCE: tl.constexpr):
+    """Store one word per tile for column b of every tile, into the transpose's (k, m/4) rows."""
+    if COALESCE:
+        n = tl.arange(0, 16)
+        cols = bj * 64 + 4 * n[:, None] + b
+        tl.store(ptr + cols.to(tl.int64) * (M // 4) + bi * 16 + n[None, :], tl.trans(_natural(word)))
+    else:
+        tl.store(ptr + gcol.to(tl.int64) * (M // 4) + ggroup, word)
+
+
+@triton.jit
 def _row_out(vals_ptr, meta_ptr, chunk_base, x0, x1, x2, x3, k0, k1, k2, k3,
-             grow, ggroup, lrow, lgroup, K, T: tl.constexpr):
+             grow, ggroup, lrow, lgroup, bi, bj, a: tl.constexpr, K, T: tl.constexpr, COALESCE: tl.constexpr):
     """Write row-group outputs of the matrix for one row a of every tile."""
     word, nib = _group_out(x0, x1, x2, x3, k0, k1, k2, k3)
-    tl.store(vals_ptr + grow.to(tl.int64) * (K // 4) + ggroup, word)
+    _store_rows(vals_ptr, word, grow, ggroup, bi, bj, a, K, COALESCE)
     _store_meta_rows(meta_ptr, chunk_base, nib, lrow, lgroup, T)
 
 
 @triton.jit
 def _col_out(vals_ptr, meta_ptr, chunk_base, x0, x1, x2, x3, k0, k1, k2, k3,
-             gcol, ggroup, lcol, lgroup, M, T: tl.constexpr):
+             gcol, ggroup, lcol, lgroup, bi, bj, b: tl.constexpr, M, T: tl.constexpr, COALESCE: tl.constexpr):
     """Write the transpose's outputs for one column b of every tile (row b of the transposed tile)."""
     word, nib = _group_out(x0, x1, x2, x3, k0, k1, k2, k3)
-    tl.store(vals_ptr + gcol.to(tl.int64) * (M // 4) + ggroup, word)
+    _store_cols(vals_ptr, word, gcol, ggroup, bi, bj, b, M, COALESCE)
     _store_meta_cols(meta_ptr, chunk_base, nib, lcol, lgroup, T)
 
 
 @triton.jit
-def _store_mask_row(mask_ptr, grow, ggroup, K, k0, k1, k2, k3):
+def _store_mask_row(mask_ptr, grow, ggroup, bi, bj, a: tl.constexpr, K, k0, k1, k2, k3, COALESCE: tl.constexpr):
     word = k0 | (k1 << 8) | (k2 << 16) | (k3 << 24)
-    tl.store(mask_ptr + grow.to(tl.int64) * (K // 4) + ggroup, word)
+    _store_rows(mask_ptr, word, grow, ggroup, bi, bj, a, K, COALESCE)
 
 
 @triton.jit
@@ -239,7 +276,8 @@ def _load_keep(mask_ptr, rows, cols, K, T: tl.constexpr):
 
 @triton.jit
 def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr, M, K,
-                           MODE: tl.constexpr, WRITE_T: tl.constexpr, WRITE_MASK: tl.constexpr):
+                           MODE: tl.constexpr, WRITE_T: tl.constexpr, WRITE_MASK: tl.constexpr,
+                           COALESCE: tl.constexpr):
     T: tl.constexpr = 16  # tiles per block side
     bi = tl.program_id(0)
     bj = tl.program_id(1)
@@ -279,10 +317,10 @@ def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr,
     meta_ptr = out_ptr + M * (K // 4)  # metadata words start after m*k/2 values
     chunk = (bi * (K // 64) + bj) * 128
     grp = bj * 16 + tj
-    _row_out(vals_ptr, meta_ptr, chunk, x00, x01, x02, x03, k00, k01, k02, k03, row0 + 0, grp, 4 * ti + 0, tj, K, T)
-    _row_out(vals_ptr, meta_ptr, chunk, x10, x11, x12, x13, k10, k11, k12, k13, row0 + 1, grp, 4 * ti + 1, tj, K, T)
-    _row_out(vals_ptr, meta_ptr, chunk, x20, x21, x22, x23, k20, k21, k22, k23, row0 + 2, grp, 4 * ti + 2, tj, K, T)
-    _row_out(vals_ptr, meta_ptr, chunk, x30, x31, x32, x33, k30, k31, k32, k33, row0 + 3, grp, 4 * ti + 3, tj, K, T)
+    _row_out(vals_ptr, meta_ptr, chunk, x00, x01, x02, x03, k00, k01, k02, k03, row0 + 0, grp, 4 * ti + 0, tj, bi, bj, 0, K, T, COALESCE)
+    _row_out(vals_ptr, meta_ptr, chunk, x10, x11, x12, x13, k10, k11, k12, k13, row0 + 1, grp, 4 * ti + 1, tj, bi, bj, 1, K, T, COALESCE)
+    _row_out(vals_ptr, meta_ptr, chunk, x20, x21, x22, x23, k20, k21, k22, k23, row0 + 2, grp, 4 * ti + 2, tj, bi, bj, 2, K, T, COALESCE)
+    _row_out(vals_ptr, meta_ptr, chunk, x30, x31, x32, x33, k30, k31, k32, k33, row0 + 3, grp, 4 * ti + 3, tj, bi, bj, 3, K, T, COALESCE)
 
     if WRITE_T:
         # The transpose (k, m): column b of each tile is a group; its block is (bj, bi).
@@ -290,16 +328,16 @@ def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr,
         meta_t_ptr = out_t_ptr + K * (M // 4)
         chunk_t = (bj * (M // 64) + bi) * 128
         grp_t = bi * 16 + ti
-        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x00, x10, x20, x30, k00, k10, k20, k30, col0 + 0, grp_t, 4 * tj + 0, ti, M, T)
-        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x01, x11, x21, x31, k01, k11, k21, k31, col0 + 1, grp_t, 4 * tj + 1, ti, M, T)
-        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x02, x12, x22, x32, k02, k12, k22, k32, col0 + 2, grp_t, 4 * tj + 2, ti, M, T)
-        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x03, x13, x23, x33, k03, k13, k23, k33, col0 + 3, grp_t, 4 * tj + 3, ti, M, T)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x00, x10, x20, x30, k00, k10, k20, k30, col0 + 0, grp_t, 4 * tj + 0, ti, bi, bj, 0, M, T, COALESCE)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x01, x11, x21, x31, k01, k11, k21, k31, col0 + 1, grp_t, 4 * tj + 1, ti, bi, bj, 1, M, T, COALESCE)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x02, x12, x22, x32, k02, k12, k22, k32, col0 + 2, grp_t, 4 * tj + 2, ti, bi, bj, 2, M, T, COALESCE)
+        _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x03, x13, x23, x33, k03, k13, k23, k33, col0 + 3, grp_t, 4 * tj + 3, ti, bi, bj, 3, M, T, COALESCE)
 
     if WRITE_MASK:
-        _store_mask_row(mask_out_ptr, row0 + 0, grp, K, k00, k01, k02, k03)
-        _store_mask_row(mask_out_ptr, row0 + 1, grp, K, k10, k11, k12, k13)
-        _store_mask_row(mask_out_ptr, row0 + 2, grp, K, k20, k21, k22, k23)
-        _store_mask_row(mask_out_ptr, row0 + 3, grp, K, k30, k31, k32, k33)
+        _store_mask_row(mask_out_ptr, row0 + 0, grp, bi, bj, 0, K, k00, k01, k02, k03, COALESCE)
+        _store_mask_row(mask_out_ptr, row0 + 1, grp, bi, bj, 1, K, k10, k11, k12, k13, COALESCE)
+        _store_mask_row(mask_out_ptr, row0 + 2, grp, bi, bj, 2, K, k20, k21, k22, k23, COALESCE)
+        _store_mask_row(mask_out_ptr, row0 + 3, grp, bi, bj, 3, K, k30, k31, k32, k33, COALESCE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +375,7 @@ def _launch(w, mask, mode, transposed, want_mask):
     _prune_compress_kernel[grid](
         w, mask_in, out.view(torch.int32), out_t.view(torch.int32),
         mask_out.view(torch.int32) if want_mask else out.view(torch.int32), m, k,
-        MODE=mode, WRITE_T=transposed, WRITE_MASK=want_mask, num_warps=NUM_WARPS)
+        MODE=mode, WRITE_T=transposed, WRITE_MASK=want_mask, COALESCE=COALESCE, num_warps=NUM_WARPS)
     return out, (out_t if transposed else None), (mask_out if want_mask else None)
 
 

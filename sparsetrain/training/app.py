@@ -8,6 +8,7 @@ from typing import Optional
 
 import lightning.pytorch as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from sparsetrain.sparse.config import config_from_dict
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, sparsify_
-from sparsetrain.training.callbacks import LayerReport, SparsityScheduler, Throughput, merge_records
+from sparsetrain.training.callbacks import (LayerReport, MaskSnapshots, SparsityScheduler, Throughput, WandbRunInfo,
+                                           merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, check_compatible, find_resume_checkpoint,
                                               load_checkpoint_file)
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
@@ -28,6 +30,17 @@ SPARSIFY_KEYS = ("include", "exclude")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the fix."""
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a constructor's own error (unknown model, missing data folder)
+    reaches the user as itself, not wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -88,11 +101,11 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = find_resume_checkpoint(run_dir, cfg.resume)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
     records = build_sparsity(model, cfg.sparsity)
     module = SparseClassifier(
-        model, num_classes=cfg.data.num_classes, optimizer=instantiate(cfg.optim),
+        model, num_classes=cfg.data.num_classes, optimizer=build(cfg.optim),
         sched=OmegaConf.to_container(cfg.sched, resolve=True), nonfinite=cfg.nonfinite,
         label_smoothing=cfg.get("label_smoothing", 0.0),
         subnet_levels=cfg.sparsity.get("subnet_levels"), subnet_weights=cfg.sparsity.get("subnet_weights"))
@@ -105,7 +118,7 @@ def train(cfg: DictConfig) -> dict:
     throughput = Throughput()
     callbacks = build_callbacks(cfg, run_dir, records, throughput, datamodule)
     loggers = build_loggers(cfg.logger, run_dir, run_label=f"{cfg.get('recipe_name')}/{run_dir.name}")
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           plugins=[AtomicCheckpointIO()])
     module.checkpoint_identity = identity
     started = time.time()
@@ -129,7 +142,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         save_last=True, save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor,
         mode=ccfg.checkpoint.mode, every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
         every_n_epochs=ccfg.checkpoint.every_n_epochs)
-    callbacks = [throughput, LayerReport(run_dir, records), checkpoint]
+    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), checkpoint,
+                 WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records)]
     if schedule is not None:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
     if cfg.trainer.enable_progress_bar:

@@ -135,3 +135,53 @@ def print_layer_table(rows: list) -> None:
     n_sparse = sum(r.get("pattern", "dense") != "dense" for r in rows)
     Console().print(table)
     Console().print(f"{n_sparse} of {len(rows)} linear/conv layers are sparse; the rest run dense.")
+
+
+class MaskSnapshots(L.Callback):
+    """Mask pictures of a few sparse layers at the end of training: PNGs in <run_dir>/masks/ and, with
+    wandb, logged images. 2:4 masks are shown at one pixel per weight, block masks whole."""
+
+    def __init__(self, run_dir: Path, max_layers: int = 3):
+        self.folder = Path(run_dir) / "masks"
+        self.max_layers = max_layers
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        from sparsetrain.training.visuals import mask_image, save_mask_png
+
+        layers = [(n, m) for n, m in sparse_modules(pl_module.model) if m.pattern != "act24"][: self.max_layers]
+        images, captions = [], []
+        for name, module in layers:
+            view = "whole" if module.pattern == "block" else "crop"
+            mask = module.mask.detach().cpu()
+            save_mask_png(mask, self.folder / f"{name}.png", title=f"{name} ({module.pattern})", view=view)
+            images.append(mask_image(mask, view=view))
+            captions.append(f"{name} ({module.pattern}, step {trainer.global_step})")
+        wandb_logger = _wandb_logger(trainer)
+        if images and wandb_logger is not None:
+            wandb_logger.log_image(key="masks", images=images, caption=captions, step=trainer.global_step)
+
+
+class WandbRunInfo(L.Callback):
+    """Puts the resolved config and the per-layer table into the wandb run, once."""
+
+    def __init__(self, config: dict, records: list):
+        self.config = config
+        self.records = records
+
+    def on_train_start(self, trainer, pl_module):
+        wandb_logger = _wandb_logger(trainer)
+        if wandb_logger is None or not trainer.is_global_zero:
+            return
+        wandb_logger.experiment.config.update(self.config, allow_val_change=True)
+        rows = merge_records(self.records, layer_table(pl_module.model))
+        columns = ["name", "shape", "pattern", "backend", "measured_sparsity", "reason"]
+        data = [[str(r.get(c)) if c == "shape" else r.get(c) for c in columns] for r in rows]
+        wandb_logger.log_table(key="layers", columns=columns, data=data)
+
+
+def _wandb_logger(trainer):
+    from lightning.pytorch.loggers import WandbLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)

@@ -5,15 +5,20 @@
 - `SyntheticDataModule`: class prototypes plus noise, for smoke tests that must see accuracy rise.
 
 Every module exposes `num_classes`, `channels`, `img_size` (the model is built from them) and `describe()`.
-The training order of epoch `e` depends only on `(seed, e)`, so a run resumed from an end-of-epoch checkpoint
-sees the same batches as one that never stopped. A run resumed mid-epoch replays that epoch from its start
-(Lightning warns about it); checkpoint at epoch ends when that matters.
+
+Exact resume: the training order of epoch `e` depends only on `(seed, e)` (and, under DDP, the rank); a
+sample's augmentation depends only on `(seed, e, index)`, never on the global RNG or the worker count; and the
+train loader is a `ResumableDataLoader`, whose position (epoch, batches trained) Lightning stores in every
+checkpoint. A run resumed mid-epoch therefore skips exactly the batches already trained (their indices only:
+nothing is loaded) and sees the same batches, in the same order and with the same augmentation, as a run that
+never stopped.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -21,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
@@ -41,34 +48,139 @@ FASHION_MNIST_FILES = (
 )
 # ImageNet evaluation resizes the short side to 256 for a 224 center crop; keep that ratio at any size.
 EVAL_CROP_FRACTION = 224 / 256
+# Independent random streams of one seed: synthetic prototypes, train and val samples, augmentation.
+PROTOTYPE_STREAM, TRAIN_STREAM, VAL_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sparsetrain"
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation drawn from `seed + epoch` alone (the rule DistributedSampler uses).
+log = logging.getLogger("sparsetrain")
+
+
+def _world() -> tuple[int, int]:
+    """(number of ranks, this rank): (1, 0) outside an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSeededSampler(DistributedSampler):
+    """This rank's share of a random permutation drawn from `seed + epoch` alone.
 
     A generator seeded once and advanced every epoch would restart from the seed after a resume and replay
     epoch 0's order; this one gives epoch e the same order however the run got there. Lightning calls
-    `set_epoch` before every training epoch.
+    `set_epoch` before every training epoch. It is a DistributedSampler (one rank: the whole permutation;
+    under DDP: every world_size-th index, the permutation padded to a multiple of world_size), so Lightning
+    uses it as is instead of wrapping it in one whose inner order never changes with the epoch.
+
+    `skip(epoch, samples)` leaves out the first `samples` of this rank's share the next time epoch `epoch` is
+    iterated (a mid-epoch resume). With `tag_epoch`, it yields `(index, epoch)` pairs for `SeededAugmentation`.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, num_samples: int, seed: int, tag_epoch: bool = False) -> None:
+        num_replicas, rank = _world()
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.tag_epoch = tag_epoch
+        self._skip: tuple[int, int] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def skip(self, epoch: int, samples: int) -> None:
+        self._skip = (epoch, samples)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        indices = list(super().__iter__())
+        if self._skip is not None:
+            epoch, samples = self._skip
+            self._skip = None
+            if epoch == self.epoch:
+                indices = indices[samples:]
+        if self.tag_epoch:
+            return iter([(index, self.epoch) for index in indices])
+        return iter(indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """A train DataLoader that Lightning can resume mid-epoch (it is `_Stateful`).
+
+    Lightning stores `state_dict()` in each checkpoint (`loops.fit_loop.state_dict.combined_loader`) and hands
+    it to `load_state_dict()` before the resumed epoch starts. The position is the number of batches whose
+    training step finished in the current epoch, read from the attached trainer (`position`), so a checkpoint
+    written mid-step (the non-finite stop) retries that batch, as Lightning's own loop state does; without a
+    trainer it is the number of batches yielded. Only `EpochSeededSampler` can skip, so the loader needs one.
+
+    Iteration is lazy: nothing (not even worker start-up) happens until the first batch is asked for, which is
+    after Lightning's `set_epoch`; an iterator made earlier would read the sampler at the wrong epoch.
+    """
+
+    def __init__(self, *args, position=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSeededSampler):
+            raise TypeError("ResumableDataLoader needs an EpochSeededSampler (sampler=...), which can skip batches")
+        self._position = position
+        self._epoch: int | None = None
+        self._yielded = 0
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        self._epoch = self.sampler.epoch
+        self._yielded = self.sampler._skip[1] // self.batch_size if self._resumes_this_epoch() else 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def _resumes_this_epoch(self) -> bool:
+        return self.sampler._skip is not None and self.sampler._skip[0] == self.sampler.epoch
+
+    def state_dict(self) -> dict:
+        position = self._position() if self._position is not None else None
+        epoch, batches = position if position is not None else (self._epoch, self._yielded)
+        return {"epoch": epoch, "batches": int(batches), "batch_size": self.batch_size,
+                "num_replicas": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("epoch") is None or not state.get("batches"):
+            return
+        # Samples all ranks had trained on, in permutation order (rank r holds positions r, r + W, ...).
+        seen = state["batches"] * state["batch_size"] * state["num_replicas"]
+        if (state["batch_size"], state["num_replicas"]) != (self.batch_size, self.sampler.num_replicas):
+            log.warning(
+                "resuming epoch %d with batch size %d on %d rank(s), but the checkpoint was written with %d on %d: "
+                "the epoch continues after the first %d samples, not at an exact batch boundary",
+                state["epoch"], self.batch_size, self.sampler.num_replicas, state["batch_size"],
+                state["num_replicas"], seen)
+        self.sampler.skip(int(state["epoch"]), seen // self.sampler.num_replicas)
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed for one sample's augmentation in one epoch (63 bits, hashed by numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, AUGMENT_STREAM, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededAugmentation(Dataset):
+    """Runs a dataset's random transforms under a seed drawn from (seed, epoch, index).
+
+    Keys are `(index, epoch)` pairs from `EpochSeededSampler(tag_epoch=True)`: the augmentation of a sample then
+    depends neither on the global RNG, nor on which worker loads it, nor on where a run was resumed. A plain
+    integer key uses the global RNG, as the wrapped dataset would.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed(self.seed, epoch, index))
+            return self.dataset[index]
 
 
 class _ImageClassificationDataModule(LightningDataModule):
@@ -78,6 +190,8 @@ class _ImageClassificationDataModule(LightningDataModule):
     """
 
     name: str
+    # Random train transforms (subclasses set it per instance); they run under SeededAugmentation.
+    augment: bool = False
 
     def __init__(
         self, *, num_classes: int, channels: int, img_size: int, batch_size: int, num_workers: int, seed: int
@@ -105,8 +219,9 @@ class _ImageClassificationDataModule(LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train_set), self.seed)
-        return self._loader(self.train_set, sampler=sampler, drop_last=True)
+        dataset = SeededAugmentation(self.train_set, self.seed) if self.augment else self.train_set
+        sampler = EpochSeededSampler(len(dataset), self.seed, tag_epoch=self.augment)
+        return self._loader(dataset, sampler=sampler, drop_last=True, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
@@ -125,16 +240,30 @@ class _ImageClassificationDataModule(LightningDataModule):
         ]
         return f"{self.name}: " + ", ".join(facts)
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False, resumable: bool = False
+    ) -> DataLoader:
+        kwargs = dict(
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # Worker seeds come from this generator, not the global RNG, so starting an iterator (every epoch,
+            # every validation) draws nothing from the RNG that dropout uses: a resumed run's draws line up.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if resumable:
+            return ResumableDataLoader(dataset, position=self._train_position, **kwargs)
+        return DataLoader(dataset, **kwargs)
+
+    def _train_position(self) -> tuple[int, int] | None:
+        """(epoch, batches whose training step finished in it) of the attached trainer's fit, else None."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _seeded_permutation(self, num_samples: int) -> list[int]:
         return torch.randperm(num_samples, generator=torch.Generator().manual_seed(self.seed)).tolist()
@@ -409,7 +538,6 @@ class ImageFolderDataModule(_ImageClassificationDataModule):
 # Synthetic
 # ----------------------------------------------------------------------------------------------------------
 
-PROTOTYPE_STREAM, TRAIN_STREAM, VAL_STREAM = 0, 1, 2
 
 
 def sample_rng(seed: int, stream: int, index: int) -> np.random.Generator:

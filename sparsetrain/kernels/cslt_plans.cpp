@@ -6,14 +6,16 @@
  * cusparseLtMatmul. The descriptors mirror torch's own (ATen cuSPARSELtOps.cpp), so the
  * compressed operand of torch._cslt_compress (or of our Triton kernel) is read the same way.
  *
- * Plain C with no torch headers: it builds in a second with any C compiler and does not depend
- * on torch's C++ ABI.
+ * C-style C++ with a C ABI and no torch headers: it builds in a second with the system C++
+ * compiler and does not depend on torch's C++ ABI. (C++ because cusparseLt.h is written for it:
+ * a C build failed on the GPU image.)
  */
-#include <stdalign.h> /* cusparseLt.h spells C11 alignment as alignas */
-#include <stdint.h>
-#include <stdlib.h>
+#include <cstdint>
+#include <cstdlib>
 
 #include <cusparseLt.h>
+
+extern "C" {
 
 typedef struct {
     /* Kept together and never moved: the plan may refer to the descriptors. */
@@ -37,9 +39,11 @@ static int handle_ready = 0;
     } while (0)
 
 /* A (m, k) compressed row-major; B (k, n) row-major, or (n, k) row-major read transposed;
- * D (m, n), column-major when transpose_result (so its memory is the (n, m) row-major result). */
+ * D (m, n), column-major when transpose_result (so its memory is the (n, m) row-major result).
+ * bias: NULL, or a device vector of m added in the epilogue. Its address is part of the plan,
+ * so the caller keys plans by it (a layer's bias parameter keeps its storage across steps). */
 int st_plan_create(int64_t m, int64_t n, int64_t k, int dense_row_major, int transpose_result,
-                   int half, int alg_id, void **plan_out, size_t *workspace_out) {
+                   int half, int alg_id, const void *bias, void **plan_out, size_t *workspace_out) {
     st_plan *p = NULL;
     if (!handle_ready) {
         TRY(cusparseLtInit(&handle));
@@ -57,6 +61,9 @@ int st_plan_create(int64_t m, int64_t n, int64_t k, int dense_row_major, int tra
     TRY(cusparseLtMatmulDescriptorInit(&handle, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
                                        dense_row_major ? CUSPARSE_OPERATION_NON_TRANSPOSE : CUSPARSE_OPERATION_TRANSPOSE,
                                        &p->sparse, &p->dense, &p->out, &p->out, CUSPARSE_COMPUTE_32F));
+    if (bias != NULL) {
+        TRY(cusparseLtMatmulDescSetAttribute(&handle, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER, &bias, sizeof(bias)));
+    }
     TRY(cusparseLtMatmulAlgSelectionInit(&handle, &p->alg, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
     TRY(cusparseLtMatmulAlgSetAttribute(&handle, &p->alg, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg_id, sizeof(alg_id)));
     TRY(cusparseLtMatmulPlanInit(&handle, &p->plan, &p->matmul, &p->alg));
@@ -75,5 +82,7 @@ int st_matmul(void *plan, const void *a, const void *b, void *d, void *workspace
 }
 
 const char *st_error_name(int status) {
-    return cusparseLtGetErrorString((cusparseStatus_t)status);
+    return cusparseLtGetErrorString(static_cast<cusparseStatus_t>(status));
 }
+
+}  // extern "C"

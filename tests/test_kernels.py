@@ -9,6 +9,8 @@ GPU (-m gpu): the compiled kernel must equal torch._cslt_compress itself, both w
 """
 import importlib.util
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ from sparsetrain.sparse.layout_sm90 import compress_sm90
 from sparsetrain.sparse.masks import is_transposable_24, mask_24_transposable
 
 triton_missing = importlib.util.find_spec("triton") is None
+KERNEL_SOURCE = (pathlib.Path(__file__).resolve().parents[1] / "sparsetrain/kernels/prune_compress.py").read_text()
 
 
 class _Interpreted:
@@ -134,6 +137,7 @@ def interpreted(tmp_path_factory):
     runner.add("mask-no-t", "compress_masked", w, mask, transposed=False)
     runner.add("values", "compress_pruned", w * mask)
     runner.add("meta", "prune_compress_transposable", _weights(128, 192, torch.bfloat16, "random", seed=3))
+    runner.add("huge", "prune_compress_transposable", _huge_weights())
     runner.run(tmp_path_factory.mktemp("interpreter"))
     return runner
 
@@ -168,6 +172,23 @@ def test_mask_and_values_modes_equal_torch_reference(interpreted):
     assert torch.equal(_bits(c2), _bits(c)) and torch.equal(_bits(c2_t), _bits(c_t))
     c3, none = interpreted["mask-no-t"]
     assert none is None and torch.equal(_bits(c3), _bits(c))
+
+
+def _huge_weights():
+    """Magnitudes around the score clamp (float32 max / 8), infinities and NaNs."""
+    w = _weights(64, 128, torch.float32, "random", seed=5) * 1e37
+    w.view(-1)[::7] = float("inf")
+    w.view(-1)[3::11] = float("nan")
+    return w.to(torch.bfloat16)
+
+
+def test_score_clamp_and_nan_handled_as_masks_does(interpreted):
+    from sparsetrain.sparse import masks
+    literals = [float(x) for x in re.findall(r"\b\d\.\d+e\+?37\b", KERNEL_SOURCE)]
+    assert len(literals) == 3 and all(x == masks._SCORE_BOUND for x in literals)  # constant + 2 in the kernel
+    w = _huge_weights()
+    _, _, mask = interpreted["huge"]  # non-finite weights: only the mask is in the contract
+    assert torch.equal(mask, mask_24_transposable(w.abs()))
 
 
 def test_rejects_shapes_and_dtypes_it_cannot_lay_out():

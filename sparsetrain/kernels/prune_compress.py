@@ -25,9 +25,9 @@ MODE_PRUNE, MODE_MASK, MODE_VALUES = 0, 1, 2
 BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
 NUM_WARPS = 2  # 64 threads for 256 tiles: measured fastest of 2/4/8 (docs/perf-notes.md)
 COALESCE = True  # stores in natural tile order (v2); False is v1's order, kept to compare
-_TILES = BLOCK // 4
-# mask_24_transposable clamps scores to this so that a sum of 8 never overflows; so do we.
-_SCORE_BOUND = torch.finfo(torch.float32).max / 8
+# mask_24_transposable clamps scores to float32 max / 8 so that a sum of 8 never overflows; so do
+# we. The kernel spells it as a literal (a compile-time float); tests check the two agree.
+SCORE_BOUND = 4.2535293329816107e37
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +97,8 @@ def _load_quad(ptr, rows, cols, row_stride, T: tl.constexpr):
 def _score(x):
     """|x| in float32, NaN and overflow handled as mask_24_transposable handles them."""
     s = tl.abs(x.to(tl.float32))
-    s = tl.minimum(s, 4.253529586511731e37)  # _SCORE_BOUND; a literal keeps it a compile-time float
-    return tl.where(s != s, -4.253529586511731e37, s)
+    # NaN test first: minimum() may return the bound for a NaN (fminf semantics).
+    return tl.where(s != s, -4.2535293329816107e37, tl.minimum(s, 4.2535293329816107e37))  # SCORE_BOUND
 
 
 @triton.jit

@@ -20,8 +20,11 @@ from sparsetrain.training.callbacks import (LayerReport, MaskSnapshots, Sparsity
                                            merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, check_compatible, find_resume_checkpoint,
                                               load_checkpoint_file)
+from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
+from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
+from sparsetrain.training.resumable import RNGState
 
 log = logging.getLogger("sparsetrain")
 
@@ -59,6 +62,20 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):
         raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
+    if cfg.sparsity.get("backend") == "cusparselt":
+        check_cusparselt_possible(cfg.trainer)
+
+
+def check_cusparselt_possible(trainer_cfg: DictConfig) -> None:
+    """sparsity.backend=cusparselt would otherwise fail at the first forward, after start-up."""
+    if not str(trainer_cfg.precision).startswith(("16", "bf16")):
+        raise ConfigError(f"sparsity.backend=cusparselt needs fp16/bf16 compute but trainer.precision="
+                          f"{trainer_cfg.precision} keeps fp32 weights: set trainer.precision=bf16-mixed, "
+                          "or sparsity.backend=auto")
+    if trainer_cfg.accelerator == "cpu" or not torch.cuda.is_available():
+        where = "trainer.accelerator=cpu" if trainer_cfg.accelerator == "cpu" else "no CUDA GPU is visible"
+        raise ConfigError(f"sparsity.backend=cusparselt needs a CUDA GPU ({where}): use sparsity.backend=auto, "
+                          "which falls back to masked dense")
 
 
 def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
@@ -122,10 +139,11 @@ def train(cfg: DictConfig) -> dict:
                           plugins=[AtomicCheckpointIO()])
     module.checkpoint_identity = identity
     started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    if module.validated_at_step != trainer.global_step:
-        # max_steps ended mid-epoch: summary.json must report the model as it ends, not an older one
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    with exit_on_preemption():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        if module.validated_at_step != trainer.global_step:
+            # max_steps ended mid-epoch: summary.json must report the model as it ends, not an older one
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     summary = write_summary(cfg, run_dir, trainer, module, records, throughput, time.time() - started)
     hint = wandb_sync_hint(run_dir) if "wandb" in (cfg.logger or {}) else ""
     if hint and trainer.is_global_zero:
@@ -143,7 +161,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         mode=ccfg.checkpoint.mode, every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
         every_n_epochs=ccfg.checkpoint.every_n_epochs)
     callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), checkpoint,
-                 WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records)]
+                 WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records),
+                 RNGState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
     if schedule is not None:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
     if cfg.trainer.enable_progress_bar:

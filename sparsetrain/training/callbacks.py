@@ -27,6 +27,22 @@ class SparsityScheduler(L.Callback):
     def __init__(self, schedule: PruneSchedule, log_every: int = 50):
         self.schedule = schedule
         self.log_every = max(1, int(log_every))
+        self._model = None
+
+    def setup(self, trainer, pl_module, stage):
+        self._model = pl_module.model
+
+    def state_dict(self) -> dict:
+        # Flips since the last log sit in a non-persistent buffer; keep them, so a resumed run logs the same rate.
+        layers = sparse_modules(self._model) if self._model is not None else []
+        return {"pending_flips": [int(module.flip_count) for _, module in layers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        layers = sparse_modules(self._model) if self._model is not None else []
+        flips = state_dict.get("pending_flips", [])
+        if len(flips) == len(layers):
+            for (_, module), count in zip(layers, flips):
+                module.flip_count.fill_(count)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step

@@ -48,21 +48,59 @@ def load_checkpoint_file(path: Path, map_location="cpu") -> dict:
             "resume=auto to fall back to the newest good checkpoint") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no state_dict): pass a .ckpt written by train.py")
+    bad = nonfinite_tensors(ckpt["state_dict"])
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); it was written when training "
+            "diverged (nonfinite=stop): resume from an older checkpoint with a lower optim.lr")
     return ckpt
 
 
+def nonfinite_tensors(state_dict: dict) -> list:
+    """Names of floating-point tensors that hold NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def checkpoints_newest_first(run_dir: Path) -> list:
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    files = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    """Every checkpoint of a run: checkpoints/*.ckpt and the hpc_ckpt_*.ckpt that Lightning's SLURM
+    auto-requeue writes into the run directory."""
+    run_dir = Path(run_dir)
+    files = [p for p in (*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
     # last.ckpt first among equals: it is the one written at the newest step
     return sorted(files, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+
+
+def remove_partial_writes(run_dir: Path) -> list:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (AtomicCheckpointIO's
+    .NAME.tmp-PID); the checkpoint they were replacing is intact. Returns the paths removed."""
+    removed = []
+    for tmp in Path(run_dir).glob("checkpoints/.*.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue  # a save in progress (another rank or process), not a leftover
+        tmp.unlink(missing_ok=True)
+        log.warning("removed %s, a checkpoint write that was interrupted (process killed while saving)", tmp)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
     """Which checkpoint `resume` means. None: a fresh run (refused where one would overwrite
     checkpoints). 'auto': the newest loadable checkpoint in run_dir, or a fresh start if none."""
+    remove_partial_writes(run_dir)
     existing = checkpoints_newest_first(run_dir)
     if resume in (None, "", "null"):
         if existing:
@@ -71,14 +109,23 @@ def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Pat
                 "pass resume=auto to continue it, or run_name=<new name> for a new run")
         return None
     if resume == "auto":
+        skipped = []
         for path in existing:
             try:
                 load_checkpoint_file(path)
             except CheckpointError as e:
                 log.warning("%s; trying an older one", e)
+                skipped.append(path.name)
                 continue
+            if skipped:
+                print(f"resume=auto: skipped unusable {', '.join(skipped)}; continuing from {path}")
             log.info("resume=auto: continuing from %s", path)
             return path
+        if skipped:
+            # Starting over here would silently throw the run away; let a person decide.
+            raise CheckpointError(
+                f"resume=auto: every checkpoint in {run_dir} is unusable ({', '.join(skipped)}, see the warnings "
+                "above); pass resume=PATH to an older copy, or run_name=<new name> to start a new run")
         log.info("resume=auto: no usable checkpoint in %s, starting fresh", run_dir)
         print(f"resume=auto: no checkpoint in {run_dir}, starting fresh")
         return None

@@ -592,7 +592,10 @@ class SyntheticDataModule(_ImageClassificationDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        augment: bool = False,
     ) -> None:
+        # Synthetic images have no random transforms; `augment` is accepted so that a recipe which sets
+        # data.augment for its real dataset still runs with data=synthetic.
         super().__init__(
             num_classes=num_classes,
             channels=channels,

@@ -60,7 +60,8 @@ class SparseClassifier(L.LightningModule):
         else:
             logits = self(x)
             loss = self._loss(logits, y)
-        if not torch.isfinite(loss):
+        # All ranks take the same branch: one rank skipping backward (or stopping) while the others go on hangs DDP.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._on_nonfinite(loss, x)
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)

@@ -1,0 +1,58 @@
+"""DDP: every rank must hold the same masks.
+
+Masks are recomputed from the weights each rank holds after the synchronized optimizer step, so ranks agree
+without exchanging masks. `MaskAgreement` checks that this holds instead of trusting it: it gathers each
+rank's `mask_checksum` when training starts (after a resume: proof that every rank restored the same sparsity
+state from the checkpoint, which rank 0 alone wrote) and every `every` steps, and stops the run if they differ.
+"""
+import lightning.pytorch as L
+import torch
+
+from sparsetrain.sparse.sparsify import mask_checksum, sparse_modules
+
+
+class MaskDivergenceError(RuntimeError):
+    pass
+
+
+class MaskAgreement(L.Callback):
+    """Gathers the per-rank mask checksums under DDP (nothing to do on one rank); logs
+    `sparsity/ranks_agreeing` (the number of ranks whose masks equal rank 0's) and raises MaskDivergenceError,
+    on every rank at once, if any rank differs."""
+
+    def __init__(self, every: int = 50):
+        self.every = max(1, int(every))
+
+    def on_train_start(self, trainer, pl_module):
+        checksums = self._gather(trainer, pl_module)
+        if checksums is None:
+            return
+        when = f"after resuming from {trainer.ckpt_path}" if trainer.ckpt_path else "at start"
+        _require_agreement(checksums, trainer.global_step, when)
+        if trainer.is_global_zero:
+            print(f"masks agree on all {len(checksums)} ranks at step {trainer.global_step} ({when}): "
+                  f"checksums {checksums}", flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.global_step - 1) % self.every:
+            return
+        checksums = self._gather(trainer, pl_module)
+        if checksums is None:
+            return
+        pl_module.log("sparsity/ranks_agreeing", float(sum(c == checksums[0] for c in checksums)))
+        _require_agreement(checksums, trainer.global_step, "after the mask update")
+
+    @staticmethod
+    def _gather(trainer, pl_module):
+        if trainer.world_size < 2 or not sparse_modules(pl_module.model):
+            return None
+        local = torch.tensor([mask_checksum(pl_module.model)], dtype=torch.int64, device=pl_module.device)
+        return [int(c) for c in trainer.strategy.all_gather(local).flatten().tolist()]
+
+
+def _require_agreement(checksums: list, step: int, when: str) -> None:
+    if len(set(checksums)) > 1:
+        raise MaskDivergenceError(
+            f"DDP ranks hold different masks at step {step} ({when}): mask checksum per rank {checksums}. "
+            "Masks follow the weights, so the ranks' weights or sparsity state differ: run every rank with the "
+            "same code and config, and resume all of them from the same checkpoint")

@@ -1,0 +1,132 @@
+"""What a checkpoint needs beyond Lightning's defaults for a resumed run to match one that never stopped.
+
+- `RNGState`: the global RNG states (torch CPU and CUDA, numpy, python), which dropout and drop-path draw
+  from. Lightning does not checkpoint them, and `seed_everything` at start-up would replay step 0's draws.
+- `ResumableCSVLogger`: Lightning's CSVLogger deletes an existing metrics.csv when a run starts again; this one
+  keeps the rows written before the resume point and writes every row at once, so a kill loses none.
+
+The data order is the third piece: `ResumableDataLoader` in data.py.
+"""
+import csv
+import logging
+import os
+import random
+from typing import Optional
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+log = logging.getLogger("sparsetrain")
+
+
+def capture_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        for device, device_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
+
+
+class RNGState(L.Callback):
+    """Puts the global RNG states in every checkpoint and restores them right before the first training step
+    of a resumed run, so that everything the run did in between (building the model, starting loaders, a
+    re-run validation) leaves no trace in the draws of the steps that follow.
+
+    Every rank is seeded alike by `seed_everything`, so rank 0's states (the ones saved) serve all ranks.
+    """
+
+    def __init__(self):
+        self._pending: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        return capture_rng_state()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._pending is not None:
+            restore_rng_state(self._pending)
+            self._pending = None
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger for a run that may be resumed: <save_dir>/<name>/metrics.csv holds the whole run.
+
+    On a resume, the rows of the earlier process up to the resume point are kept and its rows from there on
+    (steps that are trained again) are replaced. Pass flush_logs_every_n_steps=1 (the config does) so the file
+    is always complete on disk; rewrites of the file are atomic.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _ResumableExperimentWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes metrics.csv here; keep its rows until the first save knows the resume point.
+        self._history = read_metric_rows(self.metrics_file_path) if os.path.isfile(self.metrics_file_path) else None
+
+    def save(self) -> None:
+        if self._history is None or not self.metrics:
+            return super().save()
+        # The first rows of this process: older rows from this step on were trained again, so they go.
+        first_step = min(int(row["step"]) for row in self.metrics)
+        kept = [row for row in self._history if _step_of(row) is not None and _step_of(row) < first_step]
+        dropped = len(self._history) - len(kept)
+        self._history = None
+        keys = set(self.metrics_keys).union(*self.metrics, *kept)
+        self.metrics_keys = sorted(keys)
+        _write_rows_atomically(self.metrics_file_path, self.metrics_keys, kept + self.metrics)
+        self.metrics = []
+        if dropped:
+            log.info("metrics.csv: replaced %d row(s) from step %d on, which this run trains again", dropped, first_step)
+
+    def _rewrite_with_new_header(self, fieldnames: list) -> None:
+        _write_rows_atomically(self.metrics_file_path, fieldnames, read_metric_rows(self.metrics_file_path))
+
+
+def read_metric_rows(path) -> list:
+    """Rows of a metrics.csv as dicts without empty cells; a row cut short by a kill is left out."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, restkey="__extra__")
+        rows = []
+        for row in reader:
+            if "__extra__" in row or None in row.values():
+                continue
+            rows.append({k: v for k, v in row.items() if v != ""})
+    return rows
+
+
+def _step_of(row: dict) -> Optional[int]:
+    try:
+        return int(float(row["step"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _write_rows_atomically(path: str, fieldnames: list, rows: list) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

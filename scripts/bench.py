@@ -184,54 +184,34 @@ class PrunedLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def kernel_backend_class():
-    """The project's CuSparseLtBackend with both compressions done by one kernel launch."""
-    from sparsetrain.kernels import compress_pruned
-    from sparsetrain.sparse import backends
+def library_linear(compress: str | None = None, plans: bool | None = None, frozen: bool = False):
+    """What users run: SparseLinear (Semi24Config, transposable, cuSPARSELt) in training mode, so the
+    mask is refreshed every forward (one fused kernel launch on sm90) unless frozen (given-mask mode).
 
-    class KernelBackend(backends.CuSparseLtBackend):
-        def linear(self, x2d, w_masked, need_input_grad):
-            rows = x2d.shape[0]
-            x_padded = backends._pad_rows(x2d, backends._DENSE_ROW_MULTIPLE)
-            both = need_input_grad and self.sparse_input_grad
-            c, c_t = compress_pruned(w_masked, transposed=both)
-            y = backends._sparse_mm(c, x_padded.t(), True, reference=lambda: x_padded @ w_masked.t())[:rows]
-            if not need_input_grad:
-                return y, None
-            if not both:
-                return y, w_masked
-            self._prepare_input_grad(c_t, w_masked, x_padded.shape[0])
-            return y, c_t
-    return KernelBackend
+    compress None keeps the backend resolve_backend picks (what a user gets); otherwise the backend is
+    pinned to that compress route and plan-cache choice.
+    """
+    from sparsetrain.sparse import CuSparseLtBackend, Semi24Config, SparseLinear
+
+    def make(lin: nn.Linear) -> nn.Module:
+        layer = SparseLinear.from_dense(lin, Semi24Config(backend="cusparselt"), "bench").train()
+        if compress is not None:
+            layer.use_backend(CuSparseLtBackend(sparse_input_grad=True, compress=compress, plans=plans), "cuda", DT)
+        layer.set_mask_frozen(frozen)
+        return layer
+    return make
 
 
-class ProjectLinear(nn.Linear):
-    """nn.Linear running the project's weight_sparse_linear with a fixed transposable mask."""
-
-    def __init__(self, dense: nn.Linear, backend):
-        from sparsetrain.sparse import mask_24_transposable
-        super().__init__(dense.in_features, dense.out_features, bias=dense.bias is not None)
-        self.weight, self.bias, self.backend = dense.weight, dense.bias, backend
-        self.register_buffer("mask", mask_24_transposable(dense.weight.detach().abs()))
-
-    def forward(self, x):
-        from sparsetrain.sparse import weight_sparse_linear
-        return weight_sparse_linear(x, self.weight, self.bias, self.mask, self.backend)
-
-
-def project_backend(route: str, out_f: int, in_f: int):
-    from sparsetrain.sparse import resolve_backend
-    if route == "kernel":
-        return kernel_backend_class()(sparse_input_grad=True)
-    backend, _ = resolve_backend("cusparselt", out_f, in_f, "cuda", DT, transposable=True, compress=route)
-    return backend
-
-
+LIBRARY = "2:4 library SparseLinear, as resolved (sm90: kernel, bias in GEMM, plan cache)"
+LIBRARY_TORCH_MM = "2:4 library SparseLinear, kernel, bias in GEMM, torch._cslt_sparse_mm"
+LIBRARY_FROZEN = "2:4 library SparseLinear, frozen mask (given-mask kernel), plan cache"
+LIBRARY_CSLT = "2:4 library SparseLinear, cslt compress (masks.py + 2x _cslt_compress), torch._cslt_sparse_mm"
 # Variants of a 2:4 linear, by name: a function (dense nn.Linear) -> sparse module.
 SPARSE_VARIANTS = {
-    "2:4 project, cslt compress": lambda lin: ProjectLinear(lin, project_backend("cslt", lin.out_features, lin.in_features)),
-    "2:4 project, direct compress": lambda lin: ProjectLinear(lin, project_backend("direct", lin.out_features, lin.in_features)),
-    "2:4 project + kernel compress": lambda lin: ProjectLinear(lin, project_backend("kernel", lin.out_features, lin.in_features)),
+    LIBRARY: library_linear(),
+    LIBRARY_TORCH_MM: library_linear("kernel", plans=False),
+    LIBRARY_FROZEN: library_linear("kernel", plans=True, frozen=True),
+    LIBRARY_CSLT: library_linear("cslt", plans=False),
     "2:4 re-prune each step, torch ops": lambda lin: PrunedLinear(lin, torch_route),
     "2:4 re-prune each step, kernel": lambda lin: PrunedLinear(lin, kernel_route),
     "2:4 re-prune each step, kernel, bias in GEMM": lambda lin: PrunedLinear(lin, kernel_route, fuse_bias=True),
@@ -330,7 +310,7 @@ def section_b(t: Timer, quick: bool) -> list[dict]:
 def section_c(t: Timer, quick: bool) -> list[dict]:
     """CPU time to issue one call: sparse (cuSPARSELt) vs dense, at the ViT-L fc1 shape."""
     from sparsetrain.kernels import compress_masked, prune_compress_transposable
-    from sparsetrain.sparse import mask_24_transposable
+    from sparsetrain.sparse import CuSparseLtBackend, mask_24_transposable
     d, h = MLP_SHAPES["vit_l"]
     x = torch.randn(TOKENS, d, device="cuda", dtype=DT)
     w = torch.randn(h, d, device="cuda", dtype=DT)
@@ -346,8 +326,13 @@ def section_c(t: Timer, quick: bool) -> list[dict]:
         "kernel: prune + both compressions (1 launch)": lambda: prune_compress_transposable(w),
         "kernel: given mask, both compressions (1 launch)": lambda: compress_masked(w, mask),
     }
-    rows = []
     bias = torch.randn(h, device="cuda", dtype=DT)
+    for plans in (True, False):  # the library's forward GEMM: what a SparseLinear issues per step
+        backend = CuSparseLtBackend(sparse_input_grad=True, compress="kernel", plans=plans)
+        _, prepared = backend.prepare_weight(w, mask)
+        calls[f"library CuSparseLtBackend.linear with bias ({'plan cache' if plans else 'torch op'})"] = \
+            lambda backend=backend, prepared=prepared: backend.linear(x, prepared, bias)
+    rows = []
     for label, kwargs in (("", {}), (", with bias", {"bias": bias})):
         try:  # sanity (not a test): the plan cache computes the same bits as torch's call
             same = bool(torch.equal(cached_mm(c, x_t, **kwargs), sparse_mm(c, x_t, **kwargs)))
@@ -411,10 +396,12 @@ def section_d(t: Timer, quick: bool) -> list[dict]:
             mlp = _mlp(variant, d, h)
             step = lambda: mlp(x).backward(gout)  # noqa: E731
             err = _dx_error_vs_masked_dense(mlp, x, gout, d, h)
+            # The library's layer table sentence, so a row says which route actually ran.
+            backend = getattr(mlp[0], "backend_reason", "bench-local module")
             for mode in ("graph", "eager"):
                 timed = t.graph_ms if mode == "graph" else t.eager_ms
                 rows.append(pair_row(f"vit_l MLP fwd+bwd {TOKENS} tok, {variant} (vs dense)", mode,
-                                     timings[mode], timed(step), dx_rel_err_vs_masked_dense=err))
+                                     timings[mode], timed(step), dx_rel_err_vs_masked_dense=err, backend=backend))
                 print_row(rows[-1])
             del mlp
         except Exception as e:  # one variant failing must not hide the others
@@ -453,8 +440,8 @@ def _vit_step_ms(t: Timer, variant: str | None, graph: bool) -> float:
 def section_e(t: Timer, quick: bool) -> list[dict]:
     """Full ViT-L/16 training step (batch 64, bf16 params, AdamW), dense vs 2:4 MLPs."""
     fused = "2:4 re-prune each step, kernel, bias in GEMM"
-    plan = [("graph", fused), ("graph", "2:4 project + kernel compress"), ("graph", "2:4 project, cslt compress"),
-            ("eager", fused), ("eager", fused + ", plan cache")]
+    plan = [("graph", LIBRARY), ("graph", fused), ("graph", LIBRARY_CSLT),
+            ("eager", LIBRARY), ("eager", fused + ", plan cache"), ("eager", LIBRARY_TORCH_MM)]
     if quick:
         plan = plan[:1]
     rows, dense = [], {}

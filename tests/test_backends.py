@@ -1,16 +1,23 @@
+import importlib.util
+import logging
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from sparsetrain import kernels
+from sparsetrain.kernels import cslt_plans
 from sparsetrain.sparse import backends
 from sparsetrain.sparse.backends import CuSparseLtBackend, EmulatedBackend, resolve_backend
+from sparsetrain.sparse.config import Semi24Config
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.layout_sm90 import compress_sm90, decompress_sm90
 from sparsetrain.sparse.masks import mask_24, mask_24_transposable
+from sparsetrain.sparse.modules import SparseLinear
 
 HALF = [torch.bfloat16, torch.float16]
+triton_missing = importlib.util.find_spec("triton") is None
 
 
 def random_24(m, k, dtype, seed=0, transposable=False):
@@ -81,11 +88,20 @@ class TestLayoutSm90:
         zeros = torch.zeros(64, 64, dtype=torch.float16)
         assert torch.equal(decompress_sm90(compress_sm90(zeros), 64, 64), zeros)
 
-    def test_group_with_one_nonzero_keeps_it_and_the_first_zero(self):
+    def test_groups_with_fewer_than_2_nonzeros_store_the_highest_zero_slots(self):
+        """cuSPARSELt 0.8's rule on sm90 (the H100 probe, perf-notes section 1): the nonzeros, then
+        the highest-index zero slots; -0 is a zero and a stored zero keeps its sign."""
         w = torch.zeros(64, 64, dtype=torch.bfloat16)
-        w[0, 2] = 5
-        metadata = compress_sm90(w).reshape(-1)[64 * 32:].view(torch.uint8)
-        assert metadata[0] & 0xF == (0 | 2 << 2)
+        w[0, :4] = torch.tensor([1.0, 0.0, -0.0, 0.0])  # n000 -> slots 0, 3
+        w[0, 4:8] = torch.tensor([0.0, 0.0, -0.0, 2.0])  # 000n -> 2, 3
+        w[0, 8:12] = torch.tensor([0.0, -0.0, -0.0, -0.0])  # 0000 -> 2, 3
+        w[0, 12:16] = torch.tensor([0.0, 3.0, -0.0, 0.0])  # 0n00 -> 1, 3
+        compressed = compress_sm90(w)
+        values = compressed.reshape(-1)[:8].view(torch.int16).tolist()
+        assert values == [16256, 0, -32768, 16384, -32768, -32768, 16448, 0]
+        metadata = compressed.reshape(-1)[64 * 32:].view(torch.uint8)
+        # Row 0's groups 0..3 sit at nibbles 0, 4, 8, 12: the low halves of bytes 0, 2, 4, 6.
+        assert [int(metadata[b]) & 0xF for b in (0, 2, 4, 6)] == [0 | 3 << 2, 2 | 3 << 2, 2 | 3 << 2, 1 | 3 << 2]
 
     def test_rejects_what_the_layout_does_not_cover(self):
         with pytest.raises(ValueError, match="multiples of 64"):
@@ -103,14 +119,23 @@ class TestEmulatedBackend:
     def test_masked_dense_products(self, dtype):
         gen = torch.Generator().manual_seed(4)
         x, gy = torch.randn(10, 32, generator=gen).to(dtype), torch.randn(10, 16, generator=gen).to(dtype)
-        w_masked, _ = random_24(16, 32, dtype, seed=5)
+        b = torch.randn(16, generator=gen).to(dtype)
+        w_masked, mask = random_24(16, 32, dtype, seed=5)
         backend = EmulatedBackend()
-        y, ctx = backend.linear(x, w_masked, need_input_grad=True)
-        assert torch.equal(y, x @ w_masked.t())
-        assert torch.equal(backend.input_grad(gy, ctx), gy @ w_masked)
-        assert backend.linear(x, w_masked, need_input_grad=False)[1] is None
+        same_mask, prepared = backend.prepare_weight(w_masked, mask)
+        assert same_mask is mask
+        assert torch.equal(backend.linear(x, prepared, None), x @ w_masked.t())
+        assert torch.equal(backend.linear(x, prepared, b), x @ w_masked.t() + b)
+        assert torch.equal(backend.input_grad(gy, prepared.input_grad), gy @ w_masked)
+        assert backend.prepare_weight(w_masked, mask, need_input_grad=False)[1].input_grad is None
         assert torch.equal(backend.sparse_input_linear(x, w_masked), x @ w_masked.t())
         assert torch.equal(backend.sparse_input_weight_grad(gy, x, transposable=True), gy.t() @ x)
+
+    def test_prepare_without_a_mask_prunes_transposable_by_magnitude(self):
+        w = torch.randn(16, 32, generator=torch.Generator().manual_seed(5))
+        mask, prepared = EmulatedBackend().prepare_weight(w)
+        assert torch.equal(mask, mask_24_transposable(w.abs()))
+        assert torch.equal(prepared.forward, w * mask) and torch.equal(prepared.masked(), w * mask)
 
 
 class TestResolveBackend:
@@ -142,6 +167,8 @@ class TestResolveBackend:
             resolve_backend("auto", 4096, 1024, "cpu", torch.bfloat16, True, compress="tile")
         with pytest.raises(ValueError, match="'cslt', 'direct'"):
             CuSparseLtBackend(sparse_input_grad=True, compress="tile")
+        with pytest.raises(ValueError, match="use compress='cslt' for a row-wise mask"):
+            CuSparseLtBackend(sparse_input_grad=False, compress="kernel")
 
 
 @pytest.fixture
@@ -154,16 +181,31 @@ def pretend_cuda(monkeypatch):
 
 
 class TestResolveBackendOnCuda:
-    def test_auto_picks_cusparselt_with_sparse_input_grad(self, pretend_cuda):
+    def test_auto_picks_cusparselt_with_sparse_input_grad_and_the_fused_kernel(self, pretend_cuda):
         backend, reason = resolve_backend("auto", 4096, 1024, "cuda", torch.bfloat16, True)
         assert isinstance(backend, CuSparseLtBackend) and backend.sparse_input_grad
+        assert backend.compress_route == ("cslt" if triton_missing else "kernel")
+        assert reason.startswith("cuSPARSELt: forward and input grad 2:4 (transposable mask), weight grad dense; ")
+        backend, reason = resolve_backend("auto", 4096, 1024, "cuda", torch.bfloat16, True, compress="cslt")
         assert backend.compress_route == "cslt"
         assert reason == "cuSPARSELt: forward and input grad 2:4 (transposable mask), weight grad dense"
 
-    def test_row_wise_mask_keeps_input_grad_dense(self, pretend_cuda):
+    def test_row_wise_mask_keeps_input_grad_dense_and_cslt_compress(self, pretend_cuda):
         backend, reason = resolve_backend("cusparselt", 4096, 1024, "cuda:0", torch.float16, False)
-        assert not backend.sparse_input_grad
+        assert not backend.sparse_input_grad and backend.compress_route == "cslt"
         assert "input grad dense (mask not transposable)" in reason
+        assert reason.endswith("compress: cslt (the fused kernel is for transposable masks)")
+
+    def test_fused_kernel_only_on_sm90(self, pretend_cuda):
+        pretend_cuda.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        backend, reason = resolve_backend("auto", 4096, 1024, "cuda", torch.bfloat16, True)
+        assert backend.compress_route == "cslt" and reason.endswith("compress: cslt")
+        backend, reason = resolve_backend("auto", 4096, 1024, "cuda", torch.bfloat16, True, compress="kernel")
+        assert backend.compress_route == "cslt" and "this GPU is sm80" in reason
+
+    def test_plans_choice_reaches_the_backend(self, pretend_cuda):
+        backend, _ = resolve_backend("auto", 4096, 1024, "cuda", torch.bfloat16, True, plans=False)
+        assert backend.plans is False
 
     def test_narrow_layers_are_flagged(self, pretend_cuda):
         _, reason = resolve_backend("auto", 3072, 768, "cuda", torch.bfloat16, True)
@@ -190,9 +232,12 @@ class TestResolveBackendOnCuda:
         assert backend.compress_route == "cslt" and "this GPU is sm80" in reason
 
 
-# ---- CuSparseLtBackend's own logic (padding, operand layouts, algorithm cache) on CPU ----
-# torch's cuSPARSELt ops are replaced by a CPU stand-in built on the sm90 layout: it decompresses
-# the sparse operand and multiplies densely, and checks the shape rules cuSPARSELt imposes.
+# ---- CuSparseLtBackend's own logic (padding, operand layouts, algorithm cache, fused paths) on CPU ----
+# torch's cuSPARSELt ops, the plan cache and the fused kernel are replaced by CPU stand-ins built on
+# the sm90 layout: the GEMM decompresses the sparse operand and multiplies densely (the bias added
+# in fp32, as cuSPARSELt's epilogue does) and checks the operand rules cuSPARSELt imposes; the
+# kernel is mask_24_transposable + compress_sm90 (tests/test_kernels.py holds the real kernel to
+# those bytes).
 
 BROKEN_ALGORITHM = 13
 
@@ -202,29 +247,82 @@ class FakeCuSparseLt:
         self.searched_algorithm = searched_algorithm
         self.searches = []
         self.algorithms_run = []
+        self.biases = []  # (data_ptr, dtype) of every bias a GEMM read
+        self.compressions = 0
+        self.plan_calls = 0
 
-    def sparse_mm(self, compressed, dense, transpose_result=False, alg_id=0):
+    def sparse_mm(self, compressed, dense, bias=None, transpose_result=False, alg_id=0):
         m, k = compressed.shape[0], dense.shape[0]
         assert dense.shape[1] % 16 == 0, f"dense operand {tuple(dense.shape)} was not padded"
         self.algorithms_run.append(alg_id)
-        product = (decompress_sm90(compressed, m, k).float() @ dense.float()).to(dense.dtype)
+        product = decompress_sm90(compressed, m, k).float() @ dense.float()
+        if bias is not None:
+            # cuSPARSELt reads the bias as raw memory of the output type: anything else is garbage.
+            assert bias.dtype == dense.dtype and bias.shape == (m,) and bias.is_contiguous(), \
+                f"bias {bias.dtype} {tuple(bias.shape)} is not a contiguous ({m},) {dense.dtype} vector"
+            self.biases.append((bias.data_ptr(), bias.dtype))
+            product = product + bias.float()[:, None]
+        product = product.to(dense.dtype)
         if alg_id == BROKEN_ALGORITHM:
             product = product * 2
         return product.t().contiguous() if transpose_result else product
+
+    def plans_sparse_mm(self, compressed, dense, transpose_result=True, alg_id=0, bias=None):
+        self.plan_calls += 1
+        return self.sparse_mm(compressed, dense, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
 
     def search(self, compressed, dense, transpose_result=False):
         self.searches.append((tuple(compressed.shape), tuple(dense.shape), transpose_result))
         return self.searched_algorithm
 
+    def compress(self, matrix):
+        self.compressions += 1
+        return compress_sm90(matrix)
+
+
+class FakeKernels:
+    """The fused prune+compress kernel's contract: mask_24_transposable and the bytes of compress_sm90."""
+
+    def __init__(self):
+        self.launches = []
+
+    def prune_compress_transposable(self, w, want_mask=True):
+        self.launches.append("prune")
+        mask = mask_24_transposable(w.abs())
+        w_masked = w * mask
+        return compress_sm90(w_masked), compress_sm90(w_masked.t().contiguous()), mask if want_mask else None
+
+    def compress_masked(self, w, mask, transposed=True):
+        self.launches.append("mask" if transposed else "mask-no-t")
+        w_masked = w * mask
+        return compress_sm90(w_masked), compress_sm90(w_masked.t().contiguous()) if transposed else None
+
 
 @pytest.fixture
 def fake_cusparselt(monkeypatch):
     fake = FakeCuSparseLt()
-    monkeypatch.setattr(torch, "_cslt_compress", compress_sm90, raising=False)
+    monkeypatch.setattr(torch, "_cslt_compress", fake.compress, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", fake.sparse_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake.search, raising=False)
     monkeypatch.setattr(backends, "_ALGORITHMS", {})
+    monkeypatch.delenv(backends.PLANS_ENV, raising=False)
     return fake
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    fake = FakeKernels()
+    monkeypatch.setattr(kernels, "prune_compress_transposable", fake.prune_compress_transposable)
+    monkeypatch.setattr(kernels, "compress_masked", fake.compress_masked)
+    return fake
+
+
+@pytest.fixture
+def fake_plans(monkeypatch, fake_cusparselt):
+    """The plan cache 'builds' and runs the stand-in GEMM."""
+    monkeypatch.setattr(backends, "_plan_cache_error", lambda: None)
+    monkeypatch.setattr(cslt_plans, "sparse_mm", fake_cusparselt.plans_sparse_mm)
+    return fake_cusparselt
 
 
 def relative_error(a, b):
@@ -238,26 +336,104 @@ def weight_sparse_run(backend, x, w, b, mask, gy):
     return (y, *torch.autograd.grad(y, (x, w, b), gy))
 
 
-@pytest.mark.parametrize("compress", ["cslt", "direct"])
-@pytest.mark.parametrize("transposable", [True, False])
+def operands(tokens, n_in=192, n_out=128, seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, n_in, generator=gen).bfloat16()
+    w = torch.randn(n_out, n_in, generator=gen).bfloat16()
+    b = torch.randn(n_out, generator=gen).bfloat16()
+    gy = torch.randn(*tokens, n_out, generator=gen).bfloat16()
+    return x, w, b, gy
+
+
+ROUTES = [("kernel", True), ("cslt", True), ("direct", True), ("cslt", False), ("direct", False)]
+
+
+@pytest.mark.parametrize("compress, transposable", ROUTES)
+@pytest.mark.parametrize("plans", [False, True], ids=["torch_mm", "plans"])
 @pytest.mark.parametrize("tokens", [(37,), (2, 64)])
-def test_cusparselt_backend_equals_emulated(fake_cusparselt, compress, transposable, tokens):
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(*tokens, 192, generator=gen).bfloat16()
-    w = torch.randn(128, 192, generator=gen).bfloat16()
-    b = torch.randn(128, generator=gen).bfloat16()
-    gy = torch.randn(*tokens, 128, generator=gen).bfloat16()
+def test_cusparselt_backend_equals_emulated(fake_plans, fake_kernels, compress, transposable, plans, tokens):
+    x, w, b, gy = operands(tokens)
     mask = (mask_24_transposable if transposable else mask_24)(w.abs())
-    sparse = weight_sparse_run(CuSparseLtBackend(transposable, compress), x, w, b, mask, gy)
+    sparse = weight_sparse_run(CuSparseLtBackend(transposable, compress, plans=plans), x, w, b, mask, gy)
     dense = weight_sparse_run(EmulatedBackend(), x, w, b, mask, gy)
     for name, s, d in zip(("y", "dx", "dw", "db"), sparse, dense):
         assert s.shape == d.shape and s.dtype == d.dtype
         assert relative_error(s, d) < 1e-2, name
-    assert set(fake_cusparselt.algorithms_run) == {7}
+    assert set(fake_plans.algorithms_run) == {7}
+    assert (fake_plans.plan_calls > 0) == plans
+    # the given mask's compressions: one kernel launch, or _cslt_compress once per operand
+    assert fake_kernels.launches == (["mask"] if compress == "kernel" else [])
+    assert fake_plans.compressions == (0 if compress != "cslt" else 2 if transposable else 1)
+
+
+@pytest.mark.parametrize("compress", ["kernel", "cslt", "direct"])
+def test_prepare_without_a_mask_prunes_as_masks_py(fake_cusparselt, fake_kernels, compress):
+    _, w, _, _ = operands((4,), seed=8)
+    w[:, :8] = 0  # whole zero groups: any route must still pick mask_24_transposable's mask
+    mask, prepared = CuSparseLtBackend(True, compress).prepare_weight(w)
+    expected_mask, reference = EmulatedBackend().prepare_weight(w)
+    assert torch.equal(mask, expected_mask) and torch.equal(prepared.masked(), reference.forward)
+    assert torch.equal(decompress_sm90(prepared.forward, 128, 192), reference.forward)
+    assert torch.equal(decompress_sm90(prepared.input_grad, 192, 128), reference.forward.t())
+    assert fake_kernels.launches == (["prune"] if compress == "kernel" else [])
+
+
+def test_kernel_route_without_input_grad_writes_no_transpose(fake_cusparselt, fake_kernels):
+    _, w, _, _ = operands((4,))
+    mask = mask_24_transposable(w.abs())
+    _, prepared = CuSparseLtBackend(True, "kernel").prepare_weight(w, mask, need_input_grad=False)
+    assert prepared.input_grad is None and fake_kernels.launches == ["mask-no-t"]
+
+
+@pytest.mark.parametrize("plans", [False, True], ids=["torch_mm", "plans"])
+def test_bias_goes_into_the_gemm_in_the_output_dtype(fake_plans, fake_kernels, plans):
+    x, w, _, _ = operands((20,))
+    b = torch.randn(128) * 10  # fp32 bias, bf16 compute: must reach the GEMM as bf16
+    mask = mask_24_transposable(w.abs())
+    y = weight_sparse_linear(x, w, b, mask, CuSparseLtBackend(True, "kernel", plans=plans))
+    assert [dtype for _, dtype in fake_plans.biases] == [torch.bfloat16]
+    exact = x.float() @ (w * mask).float().t() + b
+    assert relative_error(y, exact) < 5e-3
+
+
+def test_plan_path_keeps_one_bias_address(fake_plans, fake_kernels):
+    """A cached plan holds the bias address: fresh bias tensors (a cast each step) must not leak
+    into it, so they go through one buffer of the layer's."""
+    backend = CuSparseLtBackend(True, "kernel", plans=True)
+    x, w, _, _ = operands((20,))
+    _, prepared = backend.prepare_weight(w)
+    for step in range(3):
+        bias = torch.arange(128, dtype=torch.bfloat16) * (step + 1)
+        y = backend.linear(x, prepared, bias)
+        assert relative_error(y, x.float() @ prepared.masked().float().t() + bias.float()) < 5e-3
+    addresses = {address for address, _ in fake_plans.biases}
+    assert len(addresses) == 1
+
+
+def test_module_refresh_is_one_fused_call_and_stores_its_mask(fake_cusparselt, fake_kernels):
+    layer = SparseLinear.from_dense(torch.nn.Linear(192, 128).bfloat16(), Semi24Config(), "fc").train()
+    layer.use_backend(CuSparseLtBackend(True, "kernel", plans=False), "cpu", torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.mul_(-1).add_(0.01)  # new magnitudes: the refreshed mask differs from the first
+    x, _, _, gy = operands((3, 10))
+    y = layer(x.requires_grad_())
+    assert fake_kernels.launches == ["prune"] and fake_cusparselt.compressions == 0
+    assert torch.equal(layer.mask, mask_24_transposable(layer.weight.detach().abs()))
+    y.backward(gy)
+    reference = SparseLinear.from_dense(torch.nn.Linear(192, 128).bfloat16(), Semi24Config(), "ref").eval()
+    with torch.no_grad():
+        reference.weight.copy_(layer.weight), reference.bias.copy_(layer.bias), reference.mask.copy_(layer.mask)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = reference(x_ref)
+    y_ref.backward(gy)
+    assert relative_error(y, y_ref) < 1e-2 and relative_error(x.grad, x_ref.grad) < 1e-2
+    layer.set_mask_frozen(True)
+    layer(x)
+    assert fake_kernels.launches == ["prune", "mask"]
 
 
 def test_algorithms_are_searched_once_per_shape(fake_cusparselt):
-    backend = CuSparseLtBackend(sparse_input_grad=True)
+    backend = CuSparseLtBackend(sparse_input_grad=True, plans=False)
     w = torch.randn(64, 128).bfloat16()
     mask = mask_24_transposable(w.abs())
     for tokens in (20, 30, 20, 50):  # 20 and 30 both pad to 32
@@ -269,19 +445,68 @@ def test_algorithms_are_searched_once_per_shape(fake_cusparselt):
     ]
 
 
+def test_input_grad_probe_is_allocated_only_for_a_new_shape(fake_cusparselt, monkeypatch):
+    backend = CuSparseLtBackend(sparse_input_grad=True, plans=False)
+    x, w, _, _ = operands((20,))
+    _, prepared = backend.prepare_weight(w)
+    backend.linear(x, prepared, None)  # searches forward and input grad
+    probes = []
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: probes.append(a) or real_new_empty(t, *a, **k))
+    backend.linear(x, prepared, None)
+    assert probes == []
+
+
 def test_broken_searched_algorithm_falls_back_to_0(fake_cusparselt):
     fake_cusparselt.searched_algorithm = BROKEN_ALGORITHM
-    backend = CuSparseLtBackend(sparse_input_grad=False)
+    backend = CuSparseLtBackend(sparse_input_grad=False, plans=False)
     w = torch.randn(64, 128).bfloat16()
     x = torch.randn(16, 128).bfloat16()
-    w_masked = w.masked_fill(~mask_24(w.abs()), 0)
+    _, prepared = backend.prepare_weight(w, mask_24(w.abs()), need_input_grad=False)
     with pytest.warns(UserWarning, match="uses algorithm 0"):
-        y, _ = backend.linear(x, w_masked, need_input_grad=False)
-    assert relative_error(y, x @ w_masked.t()) < 1e-2
+        y = backend.linear(x, prepared, None)
+    assert relative_error(y, x @ prepared.masked().t()) < 1e-2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        backend.linear(x, w_masked, need_input_grad=False)  # cached: no second search, no warning
+        backend.linear(x, prepared, None)  # cached: no second search, no warning
     assert list(backends._ALGORITHMS.values()) == [0]
+
+
+class TestPlanCacheChoice:
+    @staticmethod
+    def gemm_runner(backend):
+        return backend._matmul()
+
+    def test_environment_forces_either(self, fake_cusparselt, monkeypatch):
+        monkeypatch.setattr(backends, "_plan_cache_error", lambda: None)
+        monkeypatch.setenv(backends.PLANS_ENV, "0")
+        assert self.gemm_runner(CuSparseLtBackend(True)) is backends._torch_mm
+        monkeypatch.setenv(backends.PLANS_ENV, "1")
+        assert self.gemm_runner(CuSparseLtBackend(True)) is backends._plans_mm
+        assert self.gemm_runner(CuSparseLtBackend(True, plans=False)) is backends._torch_mm  # the argument wins
+        monkeypatch.setenv(backends.PLANS_ENV, "yes")
+        with pytest.raises(ValueError, match="use 1 .* 0 .* or leave it unset"):
+            CuSparseLtBackend(True)
+
+    def test_forced_plans_that_cannot_build_name_the_fix(self, fake_cusparselt, monkeypatch):
+        monkeypatch.setattr(backends, "_plan_cache_error", lambda: "RuntimeError: no C++ compiler found")
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found.*SPARSETRAIN_CSLT_PLANS=0"):
+            self.gemm_runner(CuSparseLtBackend(True, plans=True))
+        assert self.gemm_runner(CuSparseLtBackend(True)) is backends._torch_mm
+
+    def test_build_failure_falls_back_and_is_logged_once(self, fake_cusparselt, monkeypatch, caplog):
+        def broken_load():
+            raise RuntimeError("building the cuSPARSELt plan cache failed: cusparseLt.h: No such file")
+        monkeypatch.setattr(cslt_plans, "load", broken_load)
+        backends._plan_cache_error.cache_clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="sparsetrain"):
+                for _ in range(3):
+                    assert self.gemm_runner(CuSparseLtBackend(True)) is backends._torch_mm
+        finally:
+            backends._plan_cache_error.cache_clear()
+        warnings_logged = [r.getMessage() for r in caplog.records if "plan cache unavailable" in r.getMessage()]
+        assert len(warnings_logged) == 1 and "cusparseLt.h: No such file" in warnings_logged[0]
 
 
 @pytest.mark.parametrize("transposable", [False, True])

@@ -88,13 +88,20 @@ def test_transposable_mask_of_a_big_weight_stays_small():
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(64, 128), (192, 320), (768, 3072), (3072, 768), (1024, 4096), (4096, 1024)])
 @pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
-def test_compress_sm90_equals_cslt_compress(dtype, shape, transposable):
+@pytest.mark.parametrize("kind", ["nonzero", "zeros"])
+def test_compress_sm90_equals_cslt_compress(dtype, shape, transposable, kind):
+    """'nonzero': 2 nonzeros per group. 'zeros': ~60% exact +0/-0, so many groups keep 0 or 1
+    nonzeros and cuSPARSELt's zero-slot rule (highest-index zeros, sign kept) decides the bytes."""
     require_sm90()
     m, k = shape
     w = cpu_randn(m, k, seed=m * 7 + k, dtype=dtype)
-    w[w == 0] = 1  # 2 nonzeros per group: where cuSPARSELt's choice of kept slots is unambiguous
-    mask = (mask_24_transposable if transposable else mask_24)(cpu_randn(m, k, seed=m + k).abs())
-    w_masked = w.masked_fill(~mask, 0).cuda()
+    w[w == 0] = 1
+    if kind == "zeros":
+        drop = cpu_randn(m, k, seed=m * 3 + k) < 0.25
+        w = torch.where(drop, torch.zeros((), dtype=dtype), w)
+        w = torch.where(cpu_randn(m, k, seed=m * 5 + k) < 0, -w, w)  # half the zeros become -0
+    mask = (mask_24_transposable if transposable else mask_24)(cpu_randn(m, k, seed=m + k).cuda().abs())
+    w_masked = (w.cuda() * mask)
     reference, ours = torch._cslt_compress(w_masked), compress_sm90(w_masked)
     assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != _cslt_compress's {tuple(reference.shape)}"
     ours_bits, reference_bits = ours.reshape(-1).view(torch.int16), reference.reshape(-1).view(torch.int16)

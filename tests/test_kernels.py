@@ -3,8 +3,8 @@
 CPU: the kernel runs under Triton's interpreter (in a child process started with
 TRITON_INTERPRET=1) and must equal masks.mask_24_transposable plus `_cslt_reference`, a numpy
 re-derivation of cuSPARSELt's sm90 bytes (nibble order from gpu-facts.md; slots of groups with
-fewer than 2 nonzeros as measured on the H100, docs/perf-notes.md). Where every kept value is
-nonzero it must also equal layout_sm90.compress_sm90.
+fewer than 2 nonzeros as measured on the H100, docs/perf-notes.md), and layout_sm90.compress_sm90,
+which follows the same rule.
 GPU (-m gpu): the compiled kernel must equal torch._cslt_compress itself, both ways.
 """
 import importlib.util
@@ -157,9 +157,9 @@ def test_prune_mode_equals_torch_reference(interpreted, m, k, kind):
     assert c.shape == (m, k // 2 + k // 16) and c_t.shape == (k, m // 2 + m // 16)
     assert torch.equal(_bits(c), _bits(_cslt_reference(masked)))
     assert torch.equal(_bits(c_t), _bits(_cslt_reference(masked.t().contiguous())))
-    if kind == "random":  # no kept zeros: the project's pure-torch layout must agree too
-        assert torch.equal(_bits(c), _bits(compress_sm90(masked)))
-        assert torch.equal(_bits(c_t), _bits(compress_sm90(masked.t().contiguous())))
+    # the project's pure-torch layout follows the same zero rule, so it agrees on every input
+    assert torch.equal(_bits(c), _bits(compress_sm90(masked)))
+    assert torch.equal(_bits(c_t), _bits(compress_sm90(masked.t().contiguous())))
 
 
 def test_mask_and_values_modes_equal_torch_reference(interpreted):
@@ -213,6 +213,14 @@ def test_reference_follows_the_measured_zero_rule():
     meta = c.reshape(-1)[64 * 32:].view(torch.uint8)
     # Row 0's groups 0, 1, 2 sit at nibbles 0, 4, 8 (low halves of bytes 0, 2, 4): slots (0,3), (2,3), (2,3).
     assert [int(meta[b]) & 0xF for b in (0, 2, 4)] == [0 | 3 << 2, 2 | 3 << 2, 2 | 3 << 2]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_compress_sm90_follows_the_measured_zero_rule(m, k, kind):
+    w = _weights(m, k, torch.bfloat16, kind, seed=m + 2 * k)
+    masked = w * mask_24_transposable(w.abs())
+    assert torch.equal(_bits(compress_sm90(masked)), _bits(_cslt_reference(masked)))
 
 
 def test_metadata_order_matches_numpy_rederivation(interpreted):

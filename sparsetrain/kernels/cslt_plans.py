@@ -88,6 +88,11 @@ def _library():
     return _lib
 
 
+def load() -> None:
+    """Build (first use) and load the shim now; raises with the compiler's or loader's reason if it cannot."""
+    _library()
+
+
 def _check(lib, status: int, what: str) -> None:
     if status != 0:
         raise RuntimeError(f"cuSPARSELt {what} failed: {lib.st_error_name(status).decode()} ({status})")

@@ -1,30 +1,60 @@
 """Where the 2:4 GEMMs run: masked dense (`EmulatedBackend`) or cuSPARSELt (`CuSparseLtBackend`).
 
-Both take the same dense tensors with zeros, so every fast path can be checked against
-"mask, then run dense". `resolve_backend` picks one per layer and says why in one sentence.
+A weight-sparse layer's step goes through three calls: `prepare_weight` (the mask, pruned now or
+given, and the weight's GEMM operands for this step), `linear` (Y = X W_s^T + b) and `input_grad`
+(dX = dY W_s). Both backends take the same dense tensors with zeros, so every fast path can be
+checked against "mask, then run dense" (the emulated backend, the reference).
+`resolve_backend` picks one per layer and says why in one sentence.
 """
+import functools
+import logging
+import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sparsetrain.sparse.layout_sm90 import compress_sm90
+from sparsetrain.sparse.masks import mask_24_transposable
+
+logger = logging.getLogger("sparsetrain")
 
 BACKENDS = ("auto", "emulated", "cusparselt")
-COMPRESS_ROUTES = ("cslt", "direct")
+COMPRESS_ROUTES = ("kernel", "cslt", "direct")  # what a CuSparseLtBackend runs; resolve_backend also takes "auto"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 CUSPARSELT_DIM_MULTIPLE = 64
 # Measured on an H100: 2:4 GEMMs gain little below this width (ViT-B MLP 0.96x-1.06x, ViT-L 1.2x).
 NARROW_LAYER_FEATURES = 1024
 ALGORITHM_MAX_REL_ERROR = 2e-2
+PLANS_ENV = "SPARSETRAIN_CSLT_PLANS"  # "1": plan cache, "0": torch._cslt_sparse_mm, unset: plan cache where it builds
 _DENSE_ROW_MULTIPLE = 16  # token rows of a dense cuSPARSELt operand
 _SPARSE_ROW_MULTIPLE = 64  # token rows of a sparse (compressed) operand: the sm90 tile size
 
 # (sparse shape, dense shape, dense contiguous, transpose_result, dtype, device) -> algorithm id.
 _ALGORITHMS: dict[tuple, int] = {}
+
+
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A layer's 2:4 weight for one step, in the form its backend's GEMMs take.
+
+    forward: W_s for Y = X W_s^T, masked dense (emulated) or compressed (cuSPARSELt).
+    input_grad: the operand of dX = dY W_s (W_s dense, or W_s^T compressed); None when no dX is wanted.
+    weight, mask: what it was made from; cuSPARSELt checks a newly searched algorithm against them.
+    """
+
+    forward: Tensor
+    input_grad: Tensor | None
+    weight: Tensor
+    mask: Tensor
+
+    def masked(self) -> Tensor:
+        """W_s as masked dense (made on demand: only a first call per shape needs it)."""
+        return self.weight.masked_fill(~self.mask, 0)
 
 
 class Backend(ABC):
@@ -33,12 +63,21 @@ class Backend(ABC):
     name: str
 
     @abstractmethod
-    def linear(self, x2d: Tensor, w_masked: Tensor, need_input_grad: bool) -> tuple[Tensor, Tensor | None]:
-        """Y = X @ W_s^T, and what `input_grad` needs (None when no input grad is needed)."""
+    def prepare_weight(self, weight: Tensor, mask: Tensor | None = None,
+                       need_input_grad: bool = True) -> tuple[Tensor, PreparedWeight]:
+        """The mask and this step's GEMM operands of `weight` (out, in) in the compute dtype.
+
+        mask None: prune now to the transposable 2:4 mask of |weight| (== mask_24_transposable);
+        else the given bool mask (weight's shape; row-wise masks come this way). No autograd.
+        """
 
     @abstractmethod
-    def input_grad(self, gy2d: Tensor, ctx: Tensor) -> Tensor:
-        """dX = dY @ W_s, with `ctx` from `linear`."""
+    def linear(self, x2d: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
+        """Y = X @ W_s^T + b; `bias` (out,) is in the output dtype."""
+
+    @abstractmethod
+    def input_grad(self, gy2d: Tensor, operand: Tensor) -> Tensor:
+        """dX = dY @ W_s, with `operand` = `PreparedWeight.input_grad`."""
 
     @abstractmethod
     def sparse_input_linear(self, x_sparse2d: Tensor, weight: Tensor) -> Tensor:
@@ -54,11 +93,18 @@ class EmulatedBackend(Backend):
 
     name = "emulated"
 
-    def linear(self, x2d, w_masked, need_input_grad):
-        return x2d @ w_masked.t(), (w_masked if need_input_grad else None)
+    def prepare_weight(self, weight, mask=None, need_input_grad=True):
+        if mask is None:
+            mask = mask_24_transposable(weight.abs())
+        w_masked = weight.masked_fill(~mask, 0)
+        return mask, PreparedWeight(w_masked, w_masked if need_input_grad else None, weight, mask)
 
-    def input_grad(self, gy2d, ctx):
-        return gy2d @ ctx
+    def linear(self, x2d, prepared, bias):
+        y = x2d @ prepared.forward.t()
+        return y if bias is None else y + bias
+
+    def input_grad(self, gy2d, operand):
+        return gy2d @ operand
 
     def sparse_input_linear(self, x_sparse2d, weight):
         return x_sparse2d @ weight.t()
@@ -78,11 +124,59 @@ def _relative_error(result: Tensor, reference: Tensor) -> float:
     return float((result.float() - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
-def _search_and_verify(compressed: Tensor, dense: Tensor, transpose_result: bool, key: tuple,
+# ---- the GEMM itself: torch's op, or the same GEMM with its cuSPARSELt plan kept per shape ----
+
+def _torch_mm(compressed: Tensor, dense: Tensor, transpose_result: bool, alg_id: int,
+              bias: Tensor | None = None) -> Tensor:
+    return torch._cslt_sparse_mm(compressed, dense, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
+
+
+def _plans_mm(compressed: Tensor, dense: Tensor, transpose_result: bool, alg_id: int,
+              bias: Tensor | None = None) -> Tensor:
+    from sparsetrain.kernels import cslt_plans
+    return cslt_plans.sparse_mm(compressed, dense, transpose_result, alg_id, bias=bias)
+
+
+MatMul = Callable[..., Tensor]
+
+
+def _plans_requested(plans: bool | None) -> bool | None:
+    """True/False when forced (by the argument, else by $SPARSETRAIN_CSLT_PLANS), None: where it builds."""
+    if plans is not None:
+        return bool(plans)
+    value = os.environ.get(PLANS_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "1"):
+        return value == "1"
+    raise ValueError(f"{PLANS_ENV}={value!r}: use 1 (cuSPARSELt plan cache), 0 (torch._cslt_sparse_mm) "
+                     "or leave it unset (plan cache where it builds)")
+
+
+@functools.cache
+def _plan_cache_error() -> str | None:
+    """Why the plan cache cannot run in this process (None when it can). Tried, and logged, once."""
+    try:
+        from sparsetrain.kernels import cslt_plans
+        cslt_plans.load()
+    except Exception as error:  # noqa: BLE001 - any build or load failure means: use torch's op
+        reason = f"{type(error).__name__}: {error}"
+        logger.warning("cuSPARSELt plan cache unavailable, eager sparse GEMMs use torch._cslt_sparse_mm "
+                       "(~0.6-0.9 ms of host time each): %s", reason)
+        return reason
+    return None
+
+
+def _algorithm_key(compressed: Tensor, dense_shape, dense_contiguous: bool, transpose_result: bool) -> tuple:
+    # cuSPARSELt reads a non-contiguous dense operand as the transpose of a row-major one.
+    return (tuple(compressed.shape), tuple(dense_shape), dense_contiguous, transpose_result,
+            compressed.dtype, compressed.device)
+
+
+def _search_and_verify(compressed: Tensor, dense: Tensor, transpose_result: bool, key: tuple, mm: MatMul,
                        reference: Callable[[], Tensor]) -> int:
     algorithm = int(torch._cslt_sparse_mm_search(compressed, dense, transpose_result=transpose_result))
-    result = torch._cslt_sparse_mm(compressed, dense, transpose_result=transpose_result, alg_id=algorithm)
-    error = _relative_error(result, reference())
+    error = _relative_error(mm(compressed, dense, transpose_result, algorithm), reference())
     if error < ALGORITHM_MAX_REL_ERROR:
         return algorithm
     warnings.warn(f"cuSPARSELt algorithm {algorithm} (searched) is off by {error:.3g} relative to masked "
@@ -90,92 +184,152 @@ def _search_and_verify(compressed: Tensor, dense: Tensor, transpose_result: bool
     return 0
 
 
-def _algorithm_key(compressed: Tensor, dense: Tensor, transpose_result: bool) -> tuple:
-    # cuSPARSELt reads a non-contiguous dense operand as the transpose of a row-major one.
-    return (tuple(compressed.shape), tuple(dense.shape), dense.is_contiguous(), transpose_result,
-            dense.dtype, dense.device)
+def _sparse_mm(compressed: Tensor, dense: Tensor, transpose_result: bool, mm: MatMul,
+               reference: Callable[[], Tensor] | None, bias: Tensor | None = None) -> Tensor:
+    """`mm` with the algorithm searched once per shape and layout.
 
-
-def _sparse_mm(compressed: Tensor, dense: Tensor, transpose_result: bool,
-               reference: Callable[[], Tensor] | None) -> Tensor:
-    """`torch._cslt_sparse_mm` with the algorithm searched once per shape and layout.
-
-    A newly searched algorithm is trusted only after it matches `reference()` (masked dense).
-    Without a reference an unseen shape runs algorithm 0, cuSPARSELt's default.
+    A newly searched algorithm is trusted only after it matches `reference()` (masked dense, no bias),
+    run through `mm` itself. Without a reference an unseen shape runs algorithm 0, cuSPARSELt's default.
     """
-    key = _algorithm_key(compressed, dense, transpose_result)
+    key = _algorithm_key(compressed, dense.shape, dense.is_contiguous(), transpose_result)
     if key not in _ALGORITHMS and reference is not None:
-        _ALGORITHMS[key] = _search_and_verify(compressed, dense, transpose_result, key, reference)
-    return torch._cslt_sparse_mm(compressed, dense, transpose_result=transpose_result,
-                                 alg_id=_ALGORITHMS.get(key, 0))
+        _ALGORITHMS[key] = _search_and_verify(compressed, dense, transpose_result, key, mm, reference)
+    return mm(compressed, dense, transpose_result, _ALGORITHMS.get(key, 0), bias)
 
 
-def _check_compress_route(compress: str) -> None:
-    if compress not in COMPRESS_ROUTES:
-        raise ValueError(f"compress={compress!r} is not one of {COMPRESS_ROUTES}; use 'cslt' unless on sm90")
+def _check_compress_route(compress: str, allowed: tuple[str, ...] = COMPRESS_ROUTES) -> None:
+    if compress not in allowed:
+        raise ValueError(f"compress={compress!r} is not one of {allowed}; use 'cslt' unless on sm90")
 
 
 class CuSparseLtBackend(Backend):
     """2:4 GEMMs through cuSPARSELt (fp16/bf16 CUDA tensors, both dims multiples of 64).
 
     sparse_input_grad: the mask is transposable, so dX = dY @ W_s runs sparse on W_s^T;
-    otherwise dX runs masked dense. Nothing checks this per step (it would cost a sync): a
-    row-wise mask with sparse_input_grad=True silently drops values of W_s^T.
-    compress: "cslt" (`torch._cslt_compress`, any GPU) or "direct" (`compress_sm90`, the same
-    bytes written by torch ops; sm90 only).
+    otherwise dX runs masked dense. A given mask is not checked per step (it would cost a sync):
+    a row-wise mask with sparse_input_grad=True silently drops values of W_s^T.
+    compress: how W_s (and W_s^T) are compressed:
+      "kernel" - one Triton launch on sm90 (`sparsetrain.kernels`): prunes |W| and writes the mask,
+                 W_s and W_s^T; or, for a given mask, W_s and W_s^T. Transposable masks only.
+      "cslt"   - the mask by masks.py, then `torch._cslt_compress` once or twice (any GPU).
+      "direct" - as "cslt" with `compress_sm90` (the same bytes by torch ops; sm90 only).
+    plans: weight GEMMs through `kernels.cslt_plans` (one cuSPARSELt plan kept per shape: ~58 us of
+    host time per call instead of ~600-900 us; same bits): True, False, or None for
+    $SPARSETRAIN_CSLT_PLANS ("1" / "0"; unset: where the plan cache builds, else torch's op).
+    Activation-sparse GEMMs always run `torch._cslt_sparse_mm`.
     """
 
     name = "cusparselt"
 
-    def __init__(self, sparse_input_grad: bool, compress: str = "cslt"):
+    def __init__(self, sparse_input_grad: bool, compress: str = "cslt", plans: bool | None = None):
         _check_compress_route(compress)
+        if compress == "kernel" and not sparse_input_grad:
+            raise ValueError("compress='kernel' prunes and compresses transposable masks only; "
+                             "use compress='cslt' for a row-wise mask (sparse_input_grad=False)")
         self.sparse_input_grad = sparse_input_grad
         self.compress_route = compress
+        self.plans = _plans_requested(plans)
+        self._mm: MatMul | None = None  # picked at the first GEMM (building the plan cache needs CUDA)
+        self._bias_buffer: Tensor | None = None
+
+    # -- the weight's operands --
 
     def _compress(self, matrix: Tensor) -> Tensor:
         if self.compress_route == "direct":
             return compress_sm90(matrix)
         return torch._cslt_compress(matrix)
 
-    def linear(self, x2d, w_masked, need_input_grad):
-        rows = x2d.shape[0]
-        x_padded = _pad_rows(x2d, _DENSE_ROW_MULTIPLE)
-        w_masked = w_masked.contiguous()
-        y = _sparse_mm(self._compress(w_masked), x_padded.t(), True,
-                       reference=lambda: x_padded @ w_masked.t())[:rows]
+    def prepare_weight(self, weight, mask=None, need_input_grad=True):
+        if self.compress_route == "kernel":
+            return self._prepare_with_kernel(weight, mask, need_input_grad)
+        if mask is None:
+            mask = mask_24_transposable(weight.abs())
+        w_masked = weight.masked_fill(~mask, 0)
         if not need_input_grad:
-            return y, None
-        if not self.sparse_input_grad:
-            return y, w_masked
-        compressed_t = self._compress(w_masked.t().contiguous())
-        self._prepare_input_grad(compressed_t, w_masked, x_padded.shape[0])
-        return y, compressed_t
+            operand = None
+        elif self.sparse_input_grad:
+            operand = self._compress(w_masked.t().contiguous())
+        else:
+            operand = w_masked
+        return mask, PreparedWeight(self._compress(w_masked), operand, weight, mask)
 
     @staticmethod
-    def _prepare_input_grad(compressed_t: Tensor, w_masked: Tensor, padded_rows: int) -> None:
+    def _prepare_with_kernel(weight: Tensor, mask: Tensor | None,
+                             need_input_grad: bool) -> tuple[Tensor, PreparedWeight]:
+        """One launch instead of the mask's torch ops and two `_cslt_compress` (24 us vs 210 us per
+        4096x1024 weight on the H100); same mask and same bytes."""
+        from sparsetrain.kernels import compress_masked, prune_compress_transposable
+        if mask is None:
+            compressed, compressed_t, mask = prune_compress_transposable(weight, want_mask=True)
+        else:
+            compressed, compressed_t = compress_masked(weight, mask, transposed=need_input_grad)
+        return mask, PreparedWeight(compressed, compressed_t if need_input_grad else None, weight, mask)
+
+    # -- GEMMs --
+
+    def _matmul(self) -> MatMul:
+        if self._mm is None:
+            self._mm = self._pick_matmul()
+        return self._mm
+
+    def _pick_matmul(self) -> MatMul:
+        if self.plans is False:
+            return _torch_mm
+        error = _plan_cache_error()
+        if error is None:
+            return _plans_mm
+        if self.plans:
+            raise RuntimeError(f"the cuSPARSELt plan cache was asked for (plans=True or {PLANS_ENV}=1) but cannot "
+                               f"run here: {error}. Fix the build (C++ compiler, nvidia-cusparselt wheel headers) "
+                               f"or set {PLANS_ENV}=0")
+        return _torch_mm
+
+    def _epilogue_bias(self, bias: Tensor | None, mm: MatMul) -> Tensor | None:
+        """The bias as the GEMM's epilogue reads it. A cached plan holds the bias address, so on the
+        plan path it goes through a buffer this layer keeps (a cast bias is a new tensor each step)."""
+        if bias is None or mm is not _plans_mm:
+            return bias
+        buffer = self._bias_buffer
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (bias.shape, bias.dtype, bias.device):
+            buffer = self._bias_buffer = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+        return buffer.copy_(bias)
+
+    def linear(self, x2d, prepared, bias):
+        rows = x2d.shape[0]
+        x_padded = _pad_rows(x2d, _DENSE_ROW_MULTIPLE)
+        mm = self._matmul()
+        y = _sparse_mm(prepared.forward, x_padded.t(), True, mm, bias=self._epilogue_bias(bias, mm),
+                       reference=lambda: x_padded @ prepared.masked().t())[:rows]
+        if self.sparse_input_grad and prepared.input_grad is not None:
+            self._prepare_input_grad(prepared, x_padded.shape[0], mm)
+        return y
+
+    @staticmethod
+    def _prepare_input_grad(prepared: PreparedWeight, padded_rows: int, mm: MatMul) -> None:
         """Search and verify the input-grad algorithm now, while W_s is at hand for the reference.
 
         The operand is random: the algorithm depends on shapes and layout, not on values. It is
-        laid out as `input_grad` lays out dY, so both find the same cache entry.
+        laid out as `input_grad` lays out dY (the transpose of a contiguous (rows, out) matrix), so
+        both find the same cache entry; once the shape is known nothing is allocated.
         """
-        probe_t = w_masked.new_empty(padded_rows, w_masked.shape[0]).t()
-        if _algorithm_key(compressed_t, probe_t, True) in _ALGORITHMS:
+        compressed_t, out_features = prepared.input_grad, prepared.weight.shape[0]
+        if _algorithm_key(compressed_t, (out_features, padded_rows), False, True) in _ALGORITHMS:
             return
-        probe_t.normal_()
-        _sparse_mm(compressed_t, probe_t, True, reference=lambda: probe_t.t() @ w_masked)
+        probe_t = compressed_t.new_empty(padded_rows, out_features).normal_().t()
+        _sparse_mm(compressed_t, probe_t, True, mm, reference=lambda: probe_t.t() @ prepared.masked())
 
-    def input_grad(self, gy2d, ctx):
+    def input_grad(self, gy2d, operand):
         if not self.sparse_input_grad:
-            return gy2d @ ctx
+            return gy2d @ operand
         rows = gy2d.shape[0]
         gy_padded = _pad_rows(gy2d, _DENSE_ROW_MULTIPLE)
-        return _sparse_mm(ctx, gy_padded.t(), True, reference=None)[:rows]
+        return _sparse_mm(operand, gy_padded.t(), True, self._matmul(), reference=None)[:rows]
 
     def sparse_input_linear(self, x_sparse2d, weight):
         rows = x_sparse2d.shape[0]
         x_padded = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE)
         weight_t = weight.contiguous().t()
-        return _sparse_mm(self._compress(x_padded), weight_t, False,
+        return _sparse_mm(self._compress(x_padded), weight_t, False, _torch_mm,
                           reference=lambda: x_padded @ weight_t)[:rows]
 
     def sparse_input_weight_grad(self, gy2d, x_sparse2d, transposable):
@@ -184,7 +338,8 @@ class CuSparseLtBackend(Backend):
         # dW^T = X_s^T @ dY with X_s^T (in, tokens) as the sparse operand; transpose_result gives dW.
         x_t = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE).t().contiguous()
         gy_padded = _pad_rows(gy2d, _SPARSE_ROW_MULTIPLE)
-        return _sparse_mm(self._compress(x_t), gy_padded, True, reference=lambda: gy_padded.t() @ x_t.t())
+        return _sparse_mm(self._compress(x_t), gy_padded, True, _torch_mm,
+                          reference=lambda: gy_padded.t() @ x_t.t())
 
 
 def _cusparselt_blockers(out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -204,14 +359,25 @@ def _cusparselt_blockers(out_features: int, in_features: int, device: torch.devi
     return blockers
 
 
-def _compress_route(compress: str, device: torch.device) -> tuple[str, str]:
-    """The compress route to use on `device`, and a clause for the reason."""
+def _compress_route(compress: str, device: torch.device, transposable: bool) -> tuple[str, str]:
+    """The compress route to use on `device`, and a clause for the reason.
+
+    "auto" is the fused kernel where it runs (sm90, Triton, transposable mask), else "cslt".
+    """
     if compress == "cslt":
         return "cslt", ""
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
-        return "cslt", f"; compress: cslt (the direct layout is sm90's, this GPU is sm{major}{minor})"
-    return "direct", "; compress: direct sm90 layout"
+        why = "" if compress == "auto" else f" (the {compress} route writes sm90's layout, this GPU is sm{major}{minor})"
+        return "cslt", f"; compress: cslt{why}"
+    if compress == "direct":
+        return "direct", "; compress: direct sm90 layout"
+    if not transposable:
+        return "cslt", "; compress: cslt (the fused kernel is for transposable masks)"
+    from sparsetrain import kernels
+    if not kernels.available(device):
+        return "cslt", "; compress: cslt (Triton is missing, so no fused prune+compress kernel)"
+    return "kernel", "; compress: fused prune+compress kernel"
 
 
 def _cusparselt_reason(out_features: int, in_features: int, sparse_input_grad: bool) -> str:
@@ -225,16 +391,18 @@ def _cusparselt_reason(out_features: int, in_features: int, sparse_input_grad: b
 
 
 def resolve_backend(requested: str, out_features: int, in_features: int, device, dtype: torch.dtype,
-                    transposable: bool, compress: str = "cslt") -> tuple[Backend, str]:
+                    transposable: bool, compress: str = "auto", plans: bool | None = None) -> tuple[Backend, str]:
     """Pick the backend of one (out, in) layer: "auto", "emulated" or "cusparselt".
 
     Returns the backend and a short sentence for the layer table. `transposable` says whether the
     layer's mask is 2:4 along columns too (then the input grad can run sparse). `compress` picks
-    how weights are compressed for cuSPARSELt ("cslt", or "direct" on sm90).
+    how weights are compressed for cuSPARSELt: "auto" (the fused kernel on sm90 for transposable
+    masks, else "cslt"), "kernel", "cslt", or "direct"; a route this GPU cannot run falls back to
+    "cslt" and the reason says so. `plans`: see CuSparseLtBackend.
     """
     if requested not in BACKENDS:
         raise ValueError(f"sparsity.backend={requested!r} is not one of {BACKENDS}; use auto unless testing")
-    _check_compress_route(compress)
+    _check_compress_route(compress, ("auto",) + COMPRESS_ROUTES)
     if requested == "emulated":
         return EmulatedBackend(), "emulated: requested (masked dense)"
     device = torch.device(device)
@@ -245,6 +413,6 @@ def resolve_backend(requested: str, out_features: int, in_features: int, device,
                          "or train in bf16-mixed on CUDA")
     if blockers:
         return EmulatedBackend(), "emulated: " + "; ".join(blockers)
-    route, route_clause = _compress_route(compress, device)
+    route, route_clause = _compress_route(compress, device, transposable)
     reason = _cusparselt_reason(out_features, in_features, transposable) + route_clause
-    return CuSparseLtBackend(sparse_input_grad=transposable, compress=route), reason
+    return CuSparseLtBackend(sparse_input_grad=transposable, compress=route, plans=plans), reason

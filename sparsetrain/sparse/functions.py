@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from sparsetrain.sparse.backends import Backend
+from sparsetrain.sparse.backends import Backend, PreparedWeight
 from sparsetrain.sparse.masks import mask_24, mask_24_transposable
 
 GRAD_MODES = ("ste", "masked", "srste")
@@ -36,36 +36,39 @@ def _weight_grad(gy2d: Tensor, x2d: Tensor, mask: Tensor, weight: Tensor, grad_m
 
 class _WeightSparseLinear(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, backend, grad_mode, srste_lambda):
+    def forward(ctx, x, weight, bias, mask, prepared, backend, grad_mode, srste_lambda):
         need_x_grad, need_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         x2d = x.reshape(-1, x.shape[-1])
         with _autocast_off(x):
-            y2d, backend_ctx = backend.linear(x2d, weight.masked_fill(~mask, 0), need_input_grad=need_x_grad)
-            if bias is not None:
-                y2d = y2d + bias.to(y2d.dtype)
+            # In the output dtype: cuSPARSELt adds it in the GEMM's epilogue and reads it as that type.
+            y2d = backend.linear(x2d, prepared, None if bias is None else bias.to(x.dtype).contiguous())
         ctx.backend, ctx.grad_mode, ctx.srste_lambda = backend, grad_mode, srste_lambda
         ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
         ctx.save_for_backward(
             x2d if need_w_grad else None,
             mask if need_w_grad and grad_mode != "ste" else None,
             weight if need_w_grad and grad_mode == "srste" else None,
-            backend_ctx,
+            prepared.input_grad if need_x_grad else None,
         )
         return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
-        x2d, mask, weight, backend_ctx = ctx.saved_tensors
+        x2d, mask, weight, grad_operand = ctx.saved_tensors
         gy2d = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_w = grad_b = None
         with _autocast_off(gy):
             if ctx.needs_input_grad[0]:
-                grad_x = ctx.backend.input_grad(gy2d, backend_ctx).reshape(ctx.x_shape)
+                grad_x = ctx.backend.input_grad(gy2d, grad_operand).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 grad_w = _weight_grad(gy2d, x2d, mask, weight, ctx.grad_mode, ctx.srste_lambda)
             if ctx.needs_input_grad[2]:
                 grad_b = _bias_grad(gy2d, ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _needs_input_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def _check_operands(x: Tensor, weight: Tensor) -> None:
@@ -78,12 +81,16 @@ def _check_operands(x: Tensor, weight: Tensor) -> None:
 
 
 def weight_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, backend: Backend,
-                         grad_mode: str = "ste", srste_lambda: float = 0.0) -> Tensor:
+                         grad_mode: str = "ste", srste_lambda: float = 0.0,
+                         prepared: PreparedWeight | None = None) -> Tensor:
     """Y = X @ (W * mask)^T + b for x (..., in), weight (out, in), mask bool (out, in).
 
     dX = dY @ W_s through `backend.input_grad`. dW is dense dY^T @ X ("ste"), that times the mask
     ("masked": the true gradient of the masked layer), or "ste" plus srste_lambda * (1 - mask) * W
     ("srste"; srste_lambda is used by that mode only).
+    prepared: `backend.prepare_weight(weight, mask, need_input_grad)[1]` when the caller made it
+    already (SparseLinear does: a refreshed mask and the compressed operands come from one kernel
+    launch on sm90); made here from `mask` otherwise.
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode={grad_mode!r} is not one of {GRAD_MODES}; ste is the usual choice")
@@ -91,7 +98,14 @@ def weight_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
         raise ValueError(f"mask must be bool with the weight's shape {tuple(weight.shape)}, got {mask.dtype} "
                          f"{tuple(mask.shape)}; build it with mask_24(weight.abs())")
     _check_operands(x, weight)
-    return _WeightSparseLinear.apply(x, weight, bias, mask, backend, grad_mode, srste_lambda)
+    need_input_grad = _needs_input_grad(x)
+    if prepared is None:
+        with torch.no_grad():
+            _, prepared = backend.prepare_weight(weight.detach(), mask, need_input_grad)
+    elif prepared.input_grad is None and need_input_grad:
+        raise ValueError("x needs a gradient but `prepared` was made without the input-grad operand; "
+                         "call prepare_weight(..., need_input_grad=True)")
+    return _WeightSparseLinear.apply(x, weight, bias, mask, prepared, backend, grad_mode, srste_lambda)
 
 
 def _activation_mask(x2d: Tensor, transposable: bool) -> Tensor:

@@ -53,15 +53,18 @@ def compress_sm90(w_masked: Tensor) -> Tensor:
     """Compress a 2:4-sparse (m, k) fp16/bf16 matrix exactly as `torch._cslt_compress` does on sm90.
 
     Each group of 4 must hold at most 2 nonzeros (extra ones are dropped). Groups with fewer keep
-    their nonzeros plus the lowest-index zeros, which changes no product.
+    their nonzeros plus the highest-index zero slots, as cuSPARSELt 0.8 does on sm90 (measured:
+    docs/perf-notes.md section 1), so the bytes equal `_cslt_compress`'s for any input. A stored
+    zero keeps its sign.
     """
     if w_masked.dim() != 2:
         raise ValueError(f"compress_sm90 needs a 2-D matrix, got shape {tuple(w_masked.shape)}")
     m, k = w_masked.shape
     _check_shape_and_dtype(m, k, w_masked.dtype)
     groups = w_masked.unflatten(-1, (k // 4, 4))
-    keep = mask_24((groups != 0).float())
     slot = torch.arange(4, device=w_masked.device)
+    # Nonzeros outrank zeros (-0 is a zero); among nonzeros the lower slot wins, among zeros the higher.
+    keep = mask_24(torch.where(groups != 0, 8 - slot, slot).float())
     first = torch.where(keep, slot, 4).amin(-1)
     second = torch.where(keep, slot, -1).amax(-1)
     values = groups.gather(-1, torch.stack([first, second], -1)).reshape(-1)

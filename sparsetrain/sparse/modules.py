@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsetrain.sparse.backends import Backend, resolve_backend
+from sparsetrain.sparse.backends import Backend, PreparedWeight, resolve_backend
 from sparsetrain.sparse.block import (
     BlockScoreSTE,
     block_mask_from_scores,
@@ -173,14 +173,25 @@ class SparseGemmLayer(nn.Module):
         if key not in self._backends:
             out_features, in_features = gemm_shape(self)
             config = self.sparse_config
+            # The fused prune+compress kernel serves weight masks; activation operands use cuSPARSELt's own.
+            compress = "cslt" if isinstance(config, Act24Config) else "auto"
             self._backends[key] = resolve_backend(
-                config.backend, out_features, in_features, device, dtype, config.transposable
+                config.backend, out_features, in_features, device, dtype, config.transposable, compress=compress
             )
         if key != self._backend_key:
             backend, self.backend_reason = self._backends[key]
             self.backend_name, self._backend_key = backend.name, key
             logger.debug("%s: backend %s (%s)", self.layer_name, backend.name, self.backend_reason)
         return self._backends[key][0]
+
+    def use_backend(self, backend: Backend, device, dtype: torch.dtype, reason: str = "set by use_backend") -> None:
+        """Run on `backend` for inputs on `device` in compute `dtype` instead of the resolved one
+        (benchmarks and tests that compare backends on one layer)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._backends[(device, dtype)] = (backend, reason)
+        self._backend_key = None
 
     # -- masks -----------------------------------------------------------------------------------
 
@@ -287,10 +298,25 @@ class SparseGemmLayer(nn.Module):
             backend = self._backend(x.device, dtype)
             if isinstance(config, Act24Config):
                 return activation_sparse_linear(x, w, bias, backend, config.transposable)
-            if self.training and not self._frozen:
-                with torch.no_grad():
-                    self._store_mask(self._fresh_mask(w), step=None)
-            return weight_sparse_linear(x, w, bias, self.mask, backend, config.grad_mode, config.srste_lambda)
+            prepared = self._prepare_weight(w, backend, need_input_grad=torch.is_grad_enabled() and x.requires_grad)
+            return weight_sparse_linear(x, w, bias, self.mask, backend, config.grad_mode, config.srste_lambda,
+                                        prepared=prepared)
+
+    @torch.no_grad()
+    def _prepare_weight(self, w: Tensor, backend: Backend, need_input_grad: bool) -> PreparedWeight:
+        """This forward's GEMM operands of w; a training forward refreshes the 2:4 mask first.
+
+        A transposable refresh is the backend's own pruning (on sm90 with cuSPARSELt: one kernel
+        launch that writes the mask and W_s, W_s^T compressed); a row-wise one uses masks.py here.
+        """
+        refresh = self.training and not self._frozen
+        if refresh and self.sparse_config.transposable:
+            mask, prepared = backend.prepare_weight(w, None, need_input_grad)
+            self._store_mask(mask, step=None)
+            return prepared
+        if refresh:
+            self._store_mask(self._fresh_mask(w), step=None)
+        return backend.prepare_weight(w, self.mask, need_input_grad)[1]
 
     def _block_sparse_weight(self, w: Tensor) -> Tensor:
         config = self.sparse_config

@@ -155,12 +155,16 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
     steps_per_epoch = estimate_steps_per_epoch(cfg, datamodule)
     schedule = build_schedule(cfg.prune_schedule, cfg.sparsity, total_steps(cfg.trainer, steps_per_epoch))
     ccfg = cfg.callbacks
-    checkpoint = ModelCheckpoint(
+    # Two savers: the best ones by the monitored metric after each validation, and last.ckpt (what resume=auto
+    # continues from) on schedule whatever the metrics. One saver doing both would write nothing until the
+    # first validation: Lightning defers a save whose monitored metric does not exist yet.
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-        save_last=True, save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor,
-        mode=ccfg.checkpoint.mode, every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
-        every_n_epochs=ccfg.checkpoint.every_n_epochs)
-    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), checkpoint,
+        save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
+    latest = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, monitor=None,
+        every_n_train_steps=ccfg.checkpoint.every_n_train_steps, every_n_epochs=ccfg.checkpoint.every_n_epochs)
+    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), best, latest,
                  WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records),
                  RNGState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
     if schedule is not None:

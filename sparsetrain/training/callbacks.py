@@ -1,6 +1,7 @@
 """Lightning callbacks: drive the pruning schedule, report layers, measure throughput, write summary.json."""
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -149,8 +150,10 @@ def print_layer_table(rows: list) -> None:
                       str(r.get("backend") or "-"), "-" if sparsity is None else f"{sparsity:.2f}",
                       r.get("reason") or "")
     n_sparse = sum(r.get("pattern", "dense") != "dense" for r in rows)
-    Console().print(table)
-    Console().print(f"{n_sparse} of {len(rows)} linear/conv layers are sparse; the rest run dense.")
+    # In a log file rich would wrap at 80 columns and shred the reasons; give it room instead.
+    console = Console() if sys.stdout.isatty() else Console(width=220)
+    console.print(table)
+    console.print(f"{n_sparse} of {len(rows)} linear/conv layers are sparse; the rest run dense.")
 
 
 class MaskSnapshots(L.Callback):

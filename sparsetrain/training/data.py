@@ -205,6 +205,8 @@ class _ImageClassificationDataModule(LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -221,7 +223,20 @@ class _ImageClassificationDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = SeededAugmentation(self.train_set, self.seed) if self.augment else self.train_set
         sampler = EpochSeededSampler(len(dataset), self.seed, tag_epoch=self.augment)
-        return self._loader(dataset, sampler=sampler, drop_last=True, resumable=True)
+        self._train_loader = self._loader(dataset, sampler=sampler, drop_last=True, resumable=True)
+        if self._resume_position is not None:
+            self._train_loader.load_state_dict(self._resume_position)
+        return self._train_loader
+
+    # The train loader's position also travels in the datamodule's checkpoint entry. Lightning's own route
+    # (loops.fit_loop.state_dict.combined_loader, handed to the loader's load_state_dict) is skipped when
+    # configure_optimizers reads trainer.estimated_stepping_batches: that builds the loader before the loop
+    # state is restored. The datamodule's state is restored before that, so the loader gets it on creation.
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_position = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

@@ -196,7 +196,8 @@ def library_linear(compress: str | None = None, plans: bool | None = None, froze
     def make(lin: nn.Linear) -> nn.Module:
         layer = SparseLinear.from_dense(lin, Semi24Config(backend="cusparselt"), "bench").train()
         if compress is not None:
-            layer.use_backend(CuSparseLtBackend(sparse_input_grad=True, compress=compress, plans=plans), "cuda", DT)
+            backend = CuSparseLtBackend(sparse_input_grad=True, compress=compress, plans=plans)
+            layer.use_backend(backend, "cuda", DT, f"pinned by bench.py: compress={compress}, plans={plans}")
         layer.set_mask_frozen(frozen)
         return layer
     return make

@@ -147,6 +147,26 @@ def test_sparse_linear_on_cusparselt_equals_emulated(name, n_in, n_out, compress
                 layer.weight.add_(randn(n_out, n_in, seed=3 + step, scale=0.5))
 
 
+@pytest.mark.parametrize("plans", [False, True], ids=["torch_mm", "plan_cache"])
+def test_fp32_master_weights_under_autocast(plans):
+    """bf16-mixed training: the bias is cast to bf16 anew each step (a new address each time),
+    while a cached plan holds the bias address it was built with. Each step must see its own bias."""
+    require("kernel", plans)
+    torch.manual_seed(13)
+    layer = SparseLinear.from_dense(nn.Linear(1024, 4096).cuda(), Semi24Config(backend="cusparselt"), "fp32").train()
+    layer.use_backend(CuSparseLtBackend(True, "kernel", plans=plans), "cuda", BF16)
+    x = randn(TOKENS, 1024, seed=14).float()
+    for step in range(3):
+        with torch.no_grad():
+            layer.bias.add_(float(step + 1))
+        with torch.autocast("cuda", dtype=BF16):
+            y = layer(x)
+        assert y.dtype == BF16
+        w_masked = layer.weight.detach().bfloat16() * layer.mask
+        expected = x.bfloat16().float() @ w_masked.float().t() + layer.bias.detach().bfloat16().float()
+        assert_close_rel(f"autocast step {step} y vs masked dense", y, expected)
+
+
 # ---- the bias in the epilogue ----
 
 @pytest.mark.parametrize("plans", [False, True], ids=["torch_mm", "plan_cache"])

@@ -29,14 +29,18 @@ class SparsityScheduler(L.Callback):
         self.schedule = schedule
         self.log_every = max(1, int(log_every))
         self._model = None
+        self._last_logs, self._last_logs_epoch, self._restored_logs = {}, None, None
 
     def setup(self, trainer, pl_module, stage):
         self._model = pl_module.model
 
+    # A resumed run logs exactly what an uninterrupted one does: flips since the last log sit in a
+    # non-persistent buffer, and Lightning repeats the last logged values in every later row of the epoch from
+    # a cache that a restart empties; both travel in the checkpoint.
     def state_dict(self) -> dict:
-        # Flips since the last log sit in a non-persistent buffer; keep them, so a resumed run logs the same rate.
         layers = sparse_modules(self._model) if self._model is not None else []
-        return {"pending_flips": [int(module.flip_count) for _, module in layers]}
+        return {"pending_flips": [int(module.flip_count) for _, module in layers],
+                "last_logs": dict(self._last_logs), "last_logs_epoch": self._last_logs_epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         layers = sparse_modules(self._model) if self._model is not None else []
@@ -44,6 +48,7 @@ class SparsityScheduler(L.Callback):
         if len(flips) == len(layers):
             for (_, module), count in zip(layers, flips):
                 module.flip_count.fill_(count)
+        self._restored_logs = (state_dict.get("last_logs") or {}, state_dict.get("last_logs_epoch"))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
@@ -54,18 +59,25 @@ class SparsityScheduler(L.Callback):
         pl_module.log("sparsity/level", float(phase.level))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        restored, self._restored_logs = self._restored_logs, None
         # global_step already counts this step: log at the first step and every log_every after
         if (trainer.global_step - 1) % self.log_every:
+            if restored and restored[0] and restored[1] == trainer.current_epoch:
+                for name, value in restored[0].items():
+                    pl_module.log(name, value)
             return
         layers = sparse_modules(pl_module.model)
         if not layers:
             return
         flips = [module.pop_flip_rate() for _, module in layers]
-        pl_module.log("sparsity/flip_rate", sum(flips) / len(flips))
+        logs = {"sparsity/flip_rate": sum(flips) / len(flips)}
         for row in layer_table(pl_module.model):
             if row["pattern"] != "dense" and row.get("measured_sparsity") is not None:
-                pl_module.log(f"sparsity/layer/{row['name']}", float(row["measured_sparsity"]))
-        pl_module.log("sparsity/mask_checksum", float(mask_checksum(pl_module.model) % (1 << 24)))
+                logs[f"sparsity/layer/{row['name']}"] = float(row["measured_sparsity"])
+        logs["sparsity/mask_checksum"] = float(mask_checksum(pl_module.model) % (1 << 24))
+        for name, value in logs.items():
+            pl_module.log(name, value)
+        self._last_logs, self._last_logs_epoch = logs, trainer.current_epoch
 
 
 class Throughput(L.Callback):

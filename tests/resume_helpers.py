@@ -125,7 +125,7 @@ def assert_runs_identical(straight: Path, resumed: Path, resumed_from: int, reci
     assert_same(a["lr_schedulers"], b["lr_schedulers"], "lr_schedulers")
     assert a["epoch"] == b["epoch"]
     assert_same(a["loops"]["fit_loop"]["state_dict"], b["loops"]["fit_loop"]["state_dict"], "data position")
-    for key in ("RNGState", "SparsityScheduler"):
+    for key in ("ResumeState", "SparsityScheduler"):
         assert_same(a["callbacks"][key], b["callbacks"][key], f"callbacks.{key}")
 
     rows_a, rows_b = metric_rows(straight), metric_rows(resumed)

@@ -1,5 +1,6 @@
 """Faults: preemption signals, kills during a checkpoint write, damaged checkpoints, non-finite losses."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from sparsetrain.training.module import NonFiniteLossError
 from sparsetrain.training.preemption import PREEMPTED_EXIT_CODE
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import ROOT, TINY, compose_cfg
-from tests.resume_helpers import (STEPS, assert_runs_identical, load, output_of, overrides, send_and_wait,
-                                  start_cli, straight_run, wait_until_trained)
+from tests.resume_helpers import (STEPS, assert_runs_identical, assert_same, assert_same_rows, load, metric_rows,
+                                  output_of, overrides, send_and_wait, start_cli, straight_run, wait_until_trained)
 
 DENSE = ["recipe=fmnist_dense", *TINY, "model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
 
@@ -144,28 +145,34 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkey
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_truncated_checkpoint_is_named_and_resume_auto_falls_back_to_the_newest_good_one(tmp_path, capsys):
-    # 4 batches per epoch: validation at steps 4 and 8 leaves a best-by-val/acc checkpoint beside last.ckpt
-    base = [*DENSE, "data.train_size=16", "trainer.max_epochs=100", "trainer.log_every_n_steps=1"]
-    train(compose_cfg([*base, "trainer.max_steps=10"], tmp_path))
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    (older,) = [p for p in (tmp_path / "checkpoints").glob("step*.ckpt")]
-    older_step = load(older)["global_step"]
-    assert older_step < 10
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+def test_truncated_checkpoint_is_named_and_resume_auto_falls_back_exactly_to_the_newest_good_one(tmp_path, capsys):
+    # 4 batches per epoch: the best-by-val/acc checkpoint beside last.ckpt was written at the end of an epoch
+    base = [*DENSE, "data.train_size=16", "trainer.max_epochs=100", "trainer.max_steps=12",
+            "trainer.log_every_n_steps=1", "model.drop_path_rate=0.1"]
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    train(compose_cfg(base, straight))
+    (best,) = (straight / "checkpoints").glob("step*.ckpt")
+    (damaged / "checkpoints").mkdir(parents=True)
+    shutil.copy2(best, damaged / "checkpoints" / best.name)
+    last = damaged / "checkpoints" / "last.ckpt"
+    whole = (straight / "checkpoints" / "last.ckpt").read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])
 
     with pytest.raises(CheckpointError, match=f"{last}.*corrupt or truncated"):
         load_checkpoint_file(last)
     with pytest.raises(CheckpointError, match="last.ckpt is corrupt or truncated"):
-        train(compose_cfg([*base, "trainer.max_steps=12", f"resume={last}"], tmp_path))
+        train(compose_cfg([*base, f"resume={last}"], damaged))
 
     capsys.readouterr()
-    summary = train(compose_cfg([*base, "trainer.max_steps=12", "resume=auto"], tmp_path))
-    out = capsys.readouterr().out
-    assert f"skipped unusable last.ckpt; continuing from {older}" in out
-    assert summary["global_step"] == 12
-    steps = [int(r["step"]) for r in read_metric_rows(tmp_path / "csv" / "metrics.csv") if "train/loss" in r]
-    assert steps == sorted(set(steps)) == list(range(12)), "steps after the fallback point are trained again"
+    assert train(compose_cfg([*base, "resume=auto"], damaged))["global_step"] == 12
+    assert f"skipped unusable last.ckpt; continuing from {damaged / 'checkpoints' / best.name}" in capsys.readouterr().out
+    # Resuming from an end-of-epoch checkpoint is exact too (data order, RNG, logging step).
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(last)
+    assert_same(a["state_dict"], b["state_dict"], "state_dict")
+    assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+    resumed_from = load(damaged / "checkpoints" / best.name)["global_step"]
+    assert 0 < resumed_from < 12 and resumed_from % 4 == 0
+    assert_same_rows([r for r in metric_rows(straight) if int(r["step"]) >= resumed_from], metric_rows(damaged))
 
 
 def test_resume_auto_refuses_when_every_checkpoint_is_damaged(tmp_path):
@@ -205,7 +212,7 @@ def with_callback(monkeypatch, callback):
 
 def test_nonfinite_skip_drops_the_step_and_training_goes_on(tmp_path, monkeypatch, caplog):
     with_callback(monkeypatch, PoisonOnce(step=2))
-    summary = train(compose_cfg([*DENSE, "trainer.max_steps=4", "nonfinite=skip"], tmp_path))
+    summary = train(compose_cfg([*DENSE, "trainer.max_steps=4", "nonfinite=skip", "trainer.log_every_n_steps=1"], tmp_path))
     assert summary["global_step"] == 4 and summary["skipped_steps"] == 1
     assert "step 2: loss is nan, step skipped (nonfinite=skip)" in caplog.text
     state = load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]

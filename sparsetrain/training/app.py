@@ -18,13 +18,13 @@ from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, sparsify_
 from sparsetrain.training.callbacks import (LayerReport, MaskSnapshots, SparsityScheduler, Throughput, WandbRunInfo,
                                            merge_records)
-from sparsetrain.training.checkpoints import (AtomicCheckpointIO, check_compatible, find_resume_checkpoint,
-                                              load_checkpoint_file)
+from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
+                                              find_resume_checkpoint, load_checkpoint_file)
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
-from sparsetrain.training.resumable import RNGState
+from sparsetrain.training.resumable import ResumeState
 
 log = logging.getLogger("sparsetrain")
 
@@ -161,12 +161,11 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
     best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
         save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
-    latest = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, monitor=None,
-        every_n_train_steps=ccfg.checkpoint.every_n_train_steps, every_n_epochs=ccfg.checkpoint.every_n_epochs)
+    latest = LatestCheckpoint(run_dir / "checkpoints", every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
+                              every_n_epochs=ccfg.checkpoint.every_n_epochs)
     callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), best, latest,
                  WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records),
-                 RNGState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
+                 ResumeState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
     if schedule is not None:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
     if cfg.trainer.enable_progress_bar:

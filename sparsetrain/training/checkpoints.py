@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger("sparsetrain")
 
@@ -34,6 +35,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return load_checkpoint_file(Path(path), map_location or "cpu")
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """Writes checkpoints/last.ckpt, what resume=auto continues from: on its step/epoch schedule whatever the
+    metrics, and at the end of fit. (Lightning's saver writes last.ckpt at the end only if it never wrote one
+    in this process, so a run ending between two scheduled saves would leave an older last.ckpt behind.)"""
+
+    def __init__(self, dirpath, every_n_train_steps=None, every_n_epochs=None):
+        # No version counter: overwrite last.ckpt even when this saver did not write it (a resume from another
+        # checkpoint, a moved run directory) instead of starting last-v1.ckpt beside it.
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, monitor=None, enable_version_counter=False,
+                         every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def load_checkpoint_file(path: Path, map_location="cpu") -> dict:

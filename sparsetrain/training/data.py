@@ -125,6 +125,11 @@ class ResumableDataLoader(DataLoader):
         return self._batches()
 
     def _batches(self):
+        position = self._position() if self._position is not None else None
+        if position is not None:
+            # The trainer's epoch, not the one Lightning passed to set_epoch: after resuming from a checkpoint
+            # written at the end of an epoch, Lightning 2.6 passes the next epoch's number.
+            self.sampler.set_epoch(position[0])
         self._epoch = self.sampler.epoch
         self._yielded = self.sampler._skip[1] // self.batch_size if self._resumes_this_epoch() else 0
         for batch in super().__iter__():

@@ -1,7 +1,8 @@
 """What a checkpoint needs beyond Lightning's defaults for a resumed run to match one that never stopped.
 
-- `RNGState`: the global RNG states (torch CPU and CUDA, numpy, python), which dropout and drop-path draw
-  from. Lightning does not checkpoint them, and `seed_everything` at start-up would replay step 0's draws.
+- `ResumeState`: the global RNG states (torch CPU and CUDA, numpy, python), which dropout and drop-path draw
+  from (Lightning does not checkpoint them, and `seed_everything` at start-up would replay step 0's draws), and
+  the logging step, which Lightning restores one too high from an end-of-epoch checkpoint.
 - `ResumableCSVLogger`: Lightning's CSVLogger deletes an existing metrics.csv when a run starts again; this one
   keeps the rows written before the resume point and writes every row at once, so a kill loses none.
 
@@ -40,27 +41,41 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(device_state, device)
 
 
-class RNGState(L.Callback):
-    """Puts the global RNG states in every checkpoint and restores them right before the first training step
-    of a resumed run, so that everything the run did in between (building the model, starting loaders, a
-    re-run validation) leaves no trace in the draws of the steps that follow.
+class ResumeState(L.Callback):
+    """Puts the global RNG states and the number of training batches done in every checkpoint, and applies
+    them right before the first training step of a resumed run.
 
-    Every rank is seeded alike by `seed_everything`, so rank 0's states (the ones saved) serve all ranks.
+    - RNG: whatever the run did between start-up and that step (building the model, starting loaders, a
+      re-run validation) leaves no trace in the draws of the steps that follow. Every rank is seeded alike by
+      `seed_everything`, so rank 0's states (the ones saved) serve all ranks.
+    - The step that loggers see (Lightning's `_batches_that_stepped`): Lightning 2.6 restores it one too high
+      from a checkpoint written at the end of an epoch, which would skip a step in metrics.csv and wandb.
     """
 
     def __init__(self):
+        self._batches_done = 0
         self._pending: Optional[dict] = None
 
     def state_dict(self) -> dict:
-        return capture_rng_state()
+        return {"rng": capture_rng_state(), "batches_done": self._batches_done}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
+        self._batches_done = int(state_dict.get("batches_done", 0))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._pending is not None:
-            restore_rng_state(self._pending)
-            self._pending = None
+        if self._pending is None:
+            return
+        restore_rng_state(self._pending["rng"])
+        loop = trainer.fit_loop.epoch_loop
+        if "batches_done" in self._pending and trainer.accumulate_grad_batches == 1:
+            if loop._batches_that_stepped != self._batches_done:
+                log.debug("logging step %d restored as %d", loop._batches_that_stepped, self._batches_done)
+                loop._batches_that_stepped = self._batches_done
+        self._pending = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._batches_done += 1
 
 
 class ResumableCSVLogger(CSVLogger):

@@ -83,6 +83,9 @@ def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
     opts = OmegaConf.to_container(sparsity_cfg, resolve=True)
     include = tuple(opts.pop("include", ["*"]))
     exclude = tuple(opts.pop("exclude", []))
+    # DRESS multi-subnet levels drive SparseClassifier's loss, not the sparsifier.
+    for key in ("subnet_levels", "subnet_weights"):
+        opts.pop(key, None)
     config = config_from_dict(opts)
     return sparsify_(model, config, include=include, exclude=exclude)
 
@@ -201,6 +204,8 @@ def write_summary(cfg, run_dir: Path, trainer, module, records, throughput, seco
         "global_step": int(trainer.global_step),
         "epoch": int(trainer.current_epoch),
         "images_per_second": throughput.images_per_second,
+        "train_tflops_dense_equiv": (throughput.images_per_second * throughput.train_flops_per_image / 1e12
+                                     if throughput.images_per_second and throughput.train_flops_per_image else None),
         "wall_seconds": round(seconds, 1),
         "skipped_steps": module.skipped_steps,
         "layers": [{k: r.get(k) for k in ("name", "shape", "pattern", "backend", "measured_sparsity", "reason")}

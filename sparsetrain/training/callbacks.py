@@ -81,41 +81,83 @@ class SparsityScheduler(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Images per second over training batches, after `warmup` steps (compilation, cudnn autotune)."""
+    """Images/s and achieved TFLOP/s over windows of `window` training steps after `warmup` steps
+    (compilation, cudnn autotune, algorithm search). The device is synchronized only at window edges,
+    so measuring does not slow the run.
 
-    def __init__(self, warmup: int = 5):
+    TFLOP/s counts dense-equivalent work (a sparse layer counts as its dense GEMM, training = 3x the
+    forward), so dense and sparse runs of one model compare on the same scale."""
+
+    def __init__(self, warmup: int = 5, window: int = 20):
         self.warmup = warmup
+        self.window = window
         self.images = 0
         self.seconds = 0.0
-        self._t0 = None
+        self.train_flops_per_image: Optional[float] = None
         self._steps = 0
+        self._window_images = 0
+        self._t0: Optional[float] = None
 
-    def _sync(self, pl_module):
+    def _now(self, pl_module) -> float:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._steps += 1
-        if self._steps > self.warmup:
-            self._sync(pl_module)
-            self._t0 = time.perf_counter()
+        return time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._t0 is None:
-            return
-        self._sync(pl_module)
-        dt = time.perf_counter() - self._t0
-        self._t0 = None
+        self._steps += 1
+        if self.train_flops_per_image is None:
+            self.train_flops_per_image = 3 * dense_forward_flops(pl_module.model, batch[0][:1])
+        if self._steps == self.warmup:
+            self._t0 = self._now(pl_module)
+        elif self._steps > self.warmup:
+            self._window_images += batch[0].shape[0]
+            if (self._steps - self.warmup) % self.window == 0:
+                self._close_window(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._window_images:
+            self._close_window(pl_module, log=False)
+
+    def _close_window(self, pl_module, log: bool = True):
+        now = self._now(pl_module)
+        dt = now - self._t0
+        rate = self._window_images / dt
+        self.images += self._window_images
         self.seconds += dt
-        n = batch[0].shape[0]
-        self.images += n
-        pl_module.log("perf/images_per_s", n / dt)
+        self._window_images, self._t0 = 0, now
+        if not log:
+            return
+        pl_module.log("perf/images_per_s", rate)
+        pl_module.log("perf/tflops_dense_equiv", rate * self.train_flops_per_image / 1e12)
         if pl_module.device.type == "cuda":
             pl_module.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
 
     @property
     def images_per_second(self) -> Optional[float]:
         return self.images / self.seconds if self.seconds > 0 else None
+
+
+@torch.no_grad()
+def dense_forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Forward FLOPs per image with every sparse layer run as its dense op (switched back after)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layers = sparse_modules(model)
+    was_active = [bool(m.sparse_active) for _, m in layers]
+    was_training = model.training
+    for _, m in layers:
+        m.set_active(False)
+    # In eval mode the extra forward draws no dropout / drop-path masks (the RNG stream of the run, and so an
+    # exact resume, stays as it was) and moves no BatchNorm statistics.
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        for (_, m), active in zip(layers, was_active):
+            m.set_active(active)
+    return float(counter.get_total_flops()) / x.shape[0]
 
 
 class LayerReport(L.Callback):
@@ -182,16 +224,14 @@ class MaskSnapshots(L.Callback):
         from sparsetrain.training.visuals import mask_image, save_mask_png
 
         layers = [(n, m) for n, m in sparse_modules(pl_module.model) if m.pattern != "act24"][: self.max_layers]
-        images, captions = [], []
+        wandb_logger = _wandb_logger(trainer)
         for name, module in layers:
             view = "whole" if module.pattern == "block" else "crop"
             mask = module.mask.detach().cpu()
             save_mask_png(mask, self.folder / f"{name}.png", title=f"{name} ({module.pattern})", view=view)
-            images.append(mask_image(mask, view=view))
-            captions.append(f"{name} ({module.pattern}, step {trainer.global_step})")
-        wandb_logger = _wandb_logger(trainer)
-        if images and wandb_logger is not None:
-            wandb_logger.log_image(key="masks", images=images, caption=captions, step=trainer.global_step)
+            if wandb_logger is not None:  # one key per layer: the pictures differ in size
+                wandb_logger.log_image(key=f"masks/{name}", images=[mask_image(mask, view=view)],
+                                       caption=[f"{module.pattern}, step {trainer.global_step}"])
 
 
 class WandbRunInfo(L.Callback):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -261,7 +262,12 @@ def compress_bsr(weight: Tensor, mask: Tensor, block_size: int, name: str) -> di
 
 
 def decompress_bsr(crow_indices: Tensor, col_indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    return torch.sparse_bsr_tensor(crow_indices, col_indices, values, size=shape).to_dense()
+    with warnings.catch_warnings():
+        # torch's "BSR support is in beta" notice would print at every load; construction and to_dense are all we use.
+        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+        # The invariant check rejects a damaged file here rather than as a memory error in to_dense.
+        bsr = torch.sparse_bsr_tensor(crow_indices, col_indices, values, size=shape, check_invariants=True)
+    return bsr.to_dense()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,6 +289,9 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
     sparse_layers=False: plain layers only (an act24 model then loses its activation pruning).
     """
     directory = Path(directory)
+    if not (directory / METADATA_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ExportError(f"{directory} holds no {METADATA_FILE} and {WEIGHTS_FILE}; pass the --out directory of "
+                          "python -m sparsetrain.export")
     metadata = json.loads((directory / METADATA_FILE).read_text())
     tensors = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
     weights, masks = dense_weights(tensors, metadata["layers"])
@@ -341,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sparsetrain-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. runs/RECIPE/RUN/checkpoints/last.ckpt")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="dense: masked dense weights; semi24: 2:4 values + 2-bit positions; bsr: block-sparse rows")
+                        help="dense: masked dense weights; semi24: 2:4 values + 2-bit positions; "
+                             "bsr: block-sparse rows")
     parser.add_argument("--out", required=True, help="directory for model.safetensors and metadata.json")
     parser.add_argument("--config", help="the run's config.yaml (default: CHECKPOINT/../../config.yaml)")
     args = parser.parse_args(argv)

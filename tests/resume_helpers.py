@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,24 @@ def straight_run(recipe: str, tmp_path_factory) -> Path:
     return _straight_runs[recipe]
 
 
+# One intra-op thread, here and in every train.py these tests start: runs compared bit for bit must reduce in
+# the same order, and tiny models train several times faster on a busy 2-core machine without thread hand-offs.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def start_cli(args: list, cwd: Path, env: dict = None) -> subprocess.Popen:
-    """`python train.py ARGS` in the background; its output goes to cwd/output.txt."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """`python train.py ARGS` in the background (one thread); its output goes to cwd/output.txt."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD, **(env or {}))
     env.pop("HYDRA_FULL_ERROR", None)
     out = open(cwd / "output.txt", "w")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors import safe_open
 
-from sparsetrain.export import (ExportError, compress_semi24, decompress_semi24, export, load_exported,
+from sparsetrain.export import (ExportError, compress_semi24, decompress_semi24, export, load_exported, main,
                                 network_state, read_checkpoint)
 from sparsetrain.sparse.masks import mask_24
 from sparsetrain.training.app import build_sparsity, train
@@ -91,7 +91,8 @@ def test_semi24_stores_about_half_the_bytes_of_the_sparse_layers(exports):
     dense, semi = exports["semi24", "dense"], exports["semi24", "semi24"]
     layers = sparse_layer_names(semi)
     dense_bytes = tensor_bytes(dense / "model.safetensors", [f"{n}.weight" for n in layers])
-    stored = tensor_bytes(semi / "model.safetensors", [f"{n}.weight.{p}" for n in layers for p in ("values", "positions")])
+    parts = ("values", "positions")
+    stored = tensor_bytes(semi / "model.safetensors", [f"{n}.weight.{p}" for n in layers for p in parts])
     assert 0.5 < stored / dense_bytes < 0.6
     saved = (dense / "model.safetensors").stat().st_size - (semi / "model.safetensors").stat().st_size
     assert saved == pytest.approx(dense_bytes - stored, abs=4096)  # the rest is the header's tensor list
@@ -144,6 +145,17 @@ def test_semi24_layout_round_trips_rows_not_a_multiple_of_8():
     assert torch.equal(restored, weight) and torch.equal(restored_mask, mask)
 
 
+def test_activation_sparse_run_exports_dense_and_loads_with_its_activation_pruning(tmp_path):
+    cfg = compose_cfg(["recipe=fmnist_vit_24", *SMALL, "sparsity=act24", "model.mlp_act=squared_relu"], tmp_path)
+    train(cfg)
+    out = export(tmp_path / "checkpoints" / "last.ckpt", "dense", tmp_path / "export")
+    x = sample(cfg)
+    with torch.no_grad():
+        expected = training_model(tmp_path, cfg)(x)
+        torch.testing.assert_close(load_exported(out)(x), expected, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(load_exported(out, sparse_layers=False)(x), expected, atol=1e-4)
+
+
 def test_missing_and_corrupt_checkpoints_name_the_fix(runs, tmp_path):
     with pytest.raises(ExportError, match="does not exist; pass a run's checkpoints/last.ckpt"):
         export(tmp_path / "nope.ckpt", "dense", tmp_path / "out")
@@ -155,6 +167,8 @@ def test_missing_and_corrupt_checkpoints_name_the_fix(runs, tmp_path):
             export(corrupt, "dense", tmp_path / "out")
     finally:
         corrupt.unlink()
+    with pytest.raises(ExportError, match="pass the --out directory"):
+        load_exported(tmp_path)
 
 
 def test_a_format_the_run_has_no_layers_for_is_refused(runs, tmp_path):
@@ -172,16 +186,14 @@ def test_a_run_that_ended_dense_exports_only_dense(tmp_path):
     assert (export(ckpt, "dense", tmp_path / "out") / "model.safetensors").is_file()
 
 
-def test_cli_exports_and_reports_errors_in_one_line(runs, tmp_path):
+def test_cli_exports_and_reports_errors_in_one_line(runs, tmp_path, capsys):
     ckpt = runs["semi24"][0] / "checkpoints" / "last.ckpt"
     moved_config = tmp_path / "elsewhere.yaml"
     moved_config.write_text((ckpt.parent.parent / "config.yaml").read_text())
-    cli = [sys.executable, "-m", "sparsetrain.export"]
-    ok = subprocess.run([*cli, str(ckpt), "--format", "semi24", "--out", str(tmp_path / "out"), "--config",
-                         str(moved_config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "out" / "metadata.json").is_file()
-    bad = subprocess.run([*cli, str(ckpt), "--format", "bsr", "--out", str(tmp_path / "bad")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    main([str(ckpt), "--format", "semi24", "--out", str(tmp_path / "out"), "--config", str(moved_config)])
+    assert "exported" in capsys.readouterr().out and (tmp_path / "out" / "metadata.json").is_file()
+    # the module entry point, as a user runs it: exit status 2 and one line naming the fix
+    bad = subprocess.run([sys.executable, "-m", "sparsetrain.export", str(ckpt), "--format", "bsr", "--out",
+                          str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "use --format semi24 or --format dense" in bad.stderr

@@ -19,9 +19,17 @@ from sparsetrain.training.preemption import PREEMPTED_EXIT_CODE
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import ROOT, TINY, compose_cfg
 from tests.resume_helpers import (STEPS, assert_runs_identical, assert_same, assert_same_rows, load, metric_rows,
-                                  output_of, overrides, send_and_wait, start_cli, straight_run, wait_until_trained)
+                                  one_thread, output_of, overrides, send_and_wait, start_cli, straight_run,
+                                  wait_until_trained)
 
 DENSE = ["recipe=fmnist_dense", *TINY, "model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
+
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ from sparsetrain.training.checkpoints import find_resume_checkpoint
 from sparsetrain.training.data import EpochSeededSampler, SeededAugmentation, SyntheticDataModule
 from tests.helpers import compose_cfg
 from tests.resume_helpers import (BATCHES_PER_EPOCH, RECIPE_OVERRIDES, STEPS, assert_runs_identical, load,
-                                  overrides, send_and_wait, start_cli, straight_run, wait_until_trained)
+                                  one_thread, overrides, send_and_wait, start_cli, straight_run, wait_until_trained)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.mark.parametrize("recipe", list(RECIPE_OVERRIDES))

@@ -7,7 +7,7 @@ from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
 from sparsetrain.sparse.masks import is_24, is_transposable_24, mask_24, mask_24_transposable
 from sparsetrain.sparse.modules import SparseConv1x1, SparseLinear
-from sparsetrain.sparse.schedules import PruneSchedule
+from sparsetrain.sparse.schedules import Phase, PruneSchedule
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 
@@ -263,3 +263,15 @@ def test_cuda_conv1x1_channels_last_matches_conv2d():
         reference = F.conv2d(x, dense.weight * sparse.mask[:, :, None, None], dense.bias)
     assert sparse.backend_name == "cusparselt"
     torch.testing.assert_close(y, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_block_scores_are_reseeded_from_the_weights_when_a_dense_phase_ends():
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(nn.Linear(32, 32), BlockConfig(block_size=16, sparsity=0.5, criterion="scores"))
+    layer.apply_phase(Phase("dense_warmup", active=False, level=0.0, update_mask=False), step=0)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) * 3)  # what the dense phase learned
+    stale = layer.block_scores.detach().clone()
+    layer.apply_phase(Phase("pruning", active=True, level=0.5, update_mask=True), step=5)
+    assert not torch.equal(layer.block_scores, stale)
+    assert torch.allclose(layer.block_scores, block_norms(layer.weight.detach(), 16))

@@ -263,9 +263,15 @@ class SparseGemmLayer(nn.Module):
         anyway), score-driven block layers let the scores pick it in forward, and magnitude
         block layers recompute it here. Flips add up for pop_flip_rate().
         """
+        waking_up = phase.active and not self._active
         self.set_active(phase.active)
         if not phase.active:
             return
+        if waking_up and hasattr(self, "block_scores"):
+            # Scores get no gradient while the layer is dense: re-seed them from the weights as they are
+            # now, so that the first pruning after a dense phase ranks blocks by what was learned.
+            with torch.no_grad():
+                self.block_scores.copy_(block_norms(self._weight_2d(), self.sparse_config.block_size))
         self.set_mask_frozen(not phase.update_mask)
         if not phase.update_mask:
             return

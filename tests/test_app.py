@@ -87,6 +87,7 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     (["optim.lr=-1"], "optim.lr"),
     (["data.batch_size=0"], "batch_size"),
     (["sparsity=block", "sparsity.sparsity=1.2"], r"\[0, 1\)"),
+    (["sparsity=dress_multi", "prune_schedule=gradual"], "subnet_levels"),
 ])
 def test_impossible_overrides_stop_before_training(overrides, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

@@ -58,6 +58,9 @@ def validate_config(cfg: DictConfig) -> None:
     level = cfg.sparsity.get("sparsity")
     if level is not None and not 0 <= level < 1:
         raise ConfigError(f"sparsity.sparsity={level} must be in [0, 1), e.g. sparsity.sparsity=0.9")
+    if cfg.sparsity.get("subnet_levels") and cfg.prune_schedule.kind in ("gradual", "iterative"):
+        raise ConfigError("multi-subnet DRESS (sparsity.subnet_levels) trains fixed levels and would override "
+                          f"the {cfg.prune_schedule.kind} ramp; use prune_schedule=constant, one_shot or finetune")
     if cfg.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):

@@ -2,13 +2,33 @@
 
 Masks are recomputed from the weights each rank holds after the synchronized optimizer step, so ranks agree
 without exchanging masks. `MaskAgreement` checks that this holds instead of trusting it: it gathers each
-rank's `mask_checksum` when training starts (after a resume: proof that every rank restored the same sparsity
+rank's `mask_digest` when training starts (after a resume: proof that every rank restored the same sparsity
 state from the checkpoint, which rank 0 alone wrote) and every `every` steps, and stops the run if they differ.
 """
 import lightning.pytorch as L
 import torch
 
-from sparsetrain.sparse.sparsify import mask_checksum, sparse_modules
+from sparsetrain.sparse.sparsify import sparse_modules
+
+_PRIME_A, _PRIME_B = 2_147_483_629, 2_147_483_587  # < 2**31, so products stay inside int64
+_MODULUS = (1 << 61) - 1
+
+
+@torch.no_grad()
+def mask_digest(model: torch.nn.Module) -> int:
+    """An integer that changes when any mask entry of any sparse layer changes, computed on the masks' device.
+
+    Each kept position adds a pseudo-random weight ((i * A mod P)^2 mod P'), so two masks with the same count
+    per row and column (every transposable 2:4 mask) still differ, which a position-linear sum would not see.
+    """
+    digest = 0
+    for _, module in sparse_modules(model):
+        flat = module.mask.flatten()
+        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * _PRIME_A % _PRIME_B
+        weights = weights * weights % _PRIME_A
+        layer = int(weights[flat].sum().item())
+        digest = (digest * 1_000_003 + layer + flat.numel()) % _MODULUS
+    return digest
 
 
 class MaskDivergenceError(RuntimeError):
@@ -16,7 +36,7 @@ class MaskDivergenceError(RuntimeError):
 
 
 class MaskAgreement(L.Callback):
-    """Gathers the per-rank mask checksums under DDP (nothing to do on one rank); logs
+    """Gathers the per-rank mask digests under DDP (nothing to do on one rank); logs
     `sparsity/ranks_agreeing` (the number of ranks whose masks equal rank 0's) and raises MaskDivergenceError,
     on every rank at once, if any rank differs."""
 
@@ -24,35 +44,35 @@ class MaskAgreement(L.Callback):
         self.every = max(1, int(every))
 
     def on_train_start(self, trainer, pl_module):
-        checksums = self._gather(trainer, pl_module)
-        if checksums is None:
+        digests = self._gather(trainer, pl_module)
+        if digests is None:
             return
         when = f"after resuming from {trainer.ckpt_path}" if trainer.ckpt_path else "at start"
-        _require_agreement(checksums, trainer.global_step, when)
+        _require_agreement(digests, trainer.global_step, when)
         if trainer.is_global_zero:
-            print(f"masks agree on all {len(checksums)} ranks at step {trainer.global_step} ({when}): "
-                  f"checksums {checksums}", flush=True)
+            print(f"masks agree on all {len(digests)} ranks at step {trainer.global_step} ({when}): "
+                  f"mask digests {digests}", flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (trainer.global_step - 1) % self.every:
             return
-        checksums = self._gather(trainer, pl_module)
-        if checksums is None:
+        digests = self._gather(trainer, pl_module)
+        if digests is None:
             return
-        pl_module.log("sparsity/ranks_agreeing", float(sum(c == checksums[0] for c in checksums)))
-        _require_agreement(checksums, trainer.global_step, "after the mask update")
+        pl_module.log("sparsity/ranks_agreeing", float(sum(c == digests[0] for c in digests)))
+        _require_agreement(digests, trainer.global_step, "after the mask update")
 
     @staticmethod
     def _gather(trainer, pl_module):
         if trainer.world_size < 2 or not sparse_modules(pl_module.model):
             return None
-        local = torch.tensor([mask_checksum(pl_module.model)], dtype=torch.int64, device=pl_module.device)
+        local = torch.tensor([mask_digest(pl_module.model)], dtype=torch.int64, device=pl_module.device)
         return [int(c) for c in trainer.strategy.all_gather(local).flatten().tolist()]
 
 
-def _require_agreement(checksums: list, step: int, when: str) -> None:
-    if len(set(checksums)) > 1:
+def _require_agreement(digests: list, step: int, when: str) -> None:
+    if len(set(digests)) > 1:
         raise MaskDivergenceError(
-            f"DDP ranks hold different masks at step {step} ({when}): mask checksum per rank {checksums}. "
+            f"DDP ranks hold different masks at step {step} ({when}): mask digest per rank {digests}. "
             "Masks follow the weights, so the ranks' weights or sparsity state differ: run every rank with the "
             "same code and config, and resume all of them from the same checkpoint")

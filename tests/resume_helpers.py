@@ -1,7 +1,6 @@
 """Shared by the kill-and-resume tests: a small config, runs of train.py in the background, and a comparison
 of two finished runs (checkpoint state and metrics.csv) that must be identical."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -78,17 +77,21 @@ def logged_steps(run_dir: Path) -> list:
     return [int(row["step"]) for row in read_metric_rows(path) if "train/loss" in row]
 
 
-def wait_until_trained(proc: subprocess.Popen, run_dir: Path, steps: int, cwd: Path, timeout: float = 180) -> None:
-    """Poll metrics.csv (written as each step is logged) until `steps` training steps are in it."""
+def wait_until(condition, proc: subprocess.Popen, cwd: Path, timeout: float = 180) -> None:
+    """Poll `condition()` while `proc` runs; fail with its output if it exits first or time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"train.py exited ({proc.returncode}) before step {steps}:\n{output_of(cwd)[-3000:]}")
-        if len(logged_steps(run_dir)) >= steps:
-            return
+            raise AssertionError(f"train.py exited ({proc.returncode}) too early:\n{output_of(cwd)[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"gave up waiting after {timeout}s:\n{output_of(cwd)[-3000:]}")
         time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"train.py did not reach step {steps} in {timeout}s:\n{output_of(cwd)[-3000:]}")
+
+
+def wait_until_trained(proc: subprocess.Popen, run_dir: Path, steps: int, cwd: Path) -> None:
+    """Wait until metrics.csv (written as each step is logged) holds `steps` training steps."""
+    wait_until(lambda: len(logged_steps(run_dir)) >= steps, proc, cwd)
 
 
 def send_and_wait(proc: subprocess.Popen, signum: int, timeout: float = 120) -> int:
@@ -159,7 +162,3 @@ def assert_same_rows(rows_a: list, rows_b: list) -> None:
         diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
         assert not diff, f"metrics.csv, step {a.get('step')}: {diff}"
     assert len(rows_a) == len(rows_b), "metrics.csv: different numbers of rows"
-
-
-def kill_signal_name(signum: int) -> str:
-    return signal.Signals(signum).name

@@ -207,9 +207,12 @@ class TestResolveBackendOnCuda:
         backend, _ = resolve_backend("auto", 4096, 1024, "cuda", torch.bfloat16, True, plans=False)
         assert backend.plans is False
 
-    def test_narrow_layers_are_flagged(self, pretend_cuda):
-        _, reason = resolve_backend("auto", 3072, 768, "cuda", torch.bfloat16, True)
-        assert "little gain below 1024 features" in reason
+    def test_auto_leaves_narrow_layers_masked_dense_and_says_why(self, pretend_cuda):
+        backend, reason = resolve_backend("auto", 3072, 768, "cuda", torch.bfloat16, True)
+        assert isinstance(backend, EmulatedBackend)
+        assert "768 features is below 1024" in reason and "sparsity.backend=cusparselt forces it" in reason
+        forced, _ = resolve_backend("cusparselt", 3072, 768, "cuda", torch.bfloat16, True)
+        assert isinstance(forced, CuSparseLtBackend)
 
     def test_fp32_and_ragged_shapes_fall_back_or_raise(self, pretend_cuda):
         backend, reason = resolve_backend("auto", 4096, 1000, "cuda", torch.float32, True)

@@ -19,7 +19,7 @@ from sparsetrain.training.preemption import PREEMPTED_EXIT_CODE
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import ROOT, TINY, compose_cfg
 from tests.resume_helpers import (STEPS, assert_runs_identical, assert_same, assert_same_rows, load, metric_rows,
-                                  one_thread, output_of, overrides, send_and_wait, start_cli, straight_run,
+                                  one_thread, output_of, overrides, send_and_wait, start_cli, straight_run, wait_until,
                                   wait_until_trained)
 
 DENSE = ["recipe=fmnist_dense", *TINY, "model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
@@ -84,16 +84,6 @@ def test_slurm_sigusr1_keeps_lightnings_requeue_and_resume_auto_takes_the_newest
     assert find_resume_checkpoint(run_dir, "auto") == last
     os.utime(hpc)  # an hpc checkpoint newer than last.ckpt is the one to continue from
     assert find_resume_checkpoint(run_dir, "auto") == hpc
-
-
-def wait_until(condition, proc, cwd, timeout=120):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"train.py exited ({proc.returncode}):\n{output_of(cwd)[-3000:]}"
-        assert time.monotonic() < deadline, output_of(cwd)[-3000:]
-        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,12 +163,13 @@ def test_truncated_checkpoint_is_named_and_resume_auto_falls_back_exactly_to_the
 
     capsys.readouterr()
     assert train(compose_cfg([*base, "resume=auto"], damaged))["global_step"] == 12
-    assert f"skipped unusable last.ckpt; continuing from {damaged / 'checkpoints' / best.name}" in capsys.readouterr().out
+    fallback = damaged / "checkpoints" / best.name
+    assert f"skipped unusable last.ckpt; continuing from {fallback}" in capsys.readouterr().out
     # Resuming from an end-of-epoch checkpoint is exact too (data order, RNG, logging step).
     a, b = load(straight / "checkpoints" / "last.ckpt"), load(last)
     assert_same(a["state_dict"], b["state_dict"], "state_dict")
     assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
-    resumed_from = load(damaged / "checkpoints" / best.name)["global_step"]
+    resumed_from = load(fallback)["global_step"]
     assert 0 < resumed_from < 12 and resumed_from % 4 == 0
     assert_same_rows([r for r in metric_rows(straight) if int(r["step"]) >= resumed_from], metric_rows(damaged))
 
@@ -220,7 +211,8 @@ def with_callback(monkeypatch, callback):
 
 def test_nonfinite_skip_drops_the_step_and_training_goes_on(tmp_path, monkeypatch, caplog):
     with_callback(monkeypatch, PoisonOnce(step=2))
-    summary = train(compose_cfg([*DENSE, "trainer.max_steps=4", "nonfinite=skip", "trainer.log_every_n_steps=1"], tmp_path))
+    cfg = [*DENSE, "trainer.max_steps=4", "nonfinite=skip", "trainer.log_every_n_steps=1"]
+    summary = train(compose_cfg(cfg, tmp_path))
     assert summary["global_step"] == 4 and summary["skipped_steps"] == 1
     assert "step 2: loss is nan, step skipped (nonfinite=skip)" in caplog.text
     state = load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
@@ -248,3 +240,19 @@ def test_nonfinite_stop_checkpoints_then_names_the_step_and_the_first_bad_layer(
     assert "skipped unusable nonfinite-step0000003.ckpt" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="non-finite weights.*blocks.1.mlp.fc1.weight"):
         load_checkpoint_file(saved)
+
+
+def test_nonfinite_stop_on_bad_data_then_resume_retries_the_step_and_ends_as_if_it_never_failed(tmp_path, monkeypatch):
+    cfg = [*DENSE, "trainer.max_steps=6", "trainer.log_every_n_steps=1", "model.drop_path_rate=0.1"]
+    train(compose_cfg(cfg, tmp_path / "straight"))
+    build_callbacks = app.build_callbacks
+    with_callback(monkeypatch, PoisonOnce(step=3))  # a NaN batch: the weights are still finite
+    with pytest.raises(NonFiniteLossError, match="at step 3; first non-finite output: patch_embed.proj"):
+        train(compose_cfg(cfg, tmp_path / "failed"))
+    monkeypatch.setattr(app, "build_callbacks", build_callbacks)  # the data is good again
+
+    assert find_resume_checkpoint(tmp_path / "failed", "auto").name == "nonfinite-step0000003.ckpt"
+    assert train(compose_cfg([*cfg, "resume=auto"], tmp_path / "failed"))["global_step"] == 6
+    a, b = (load(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "failed"))
+    assert_same(a["state_dict"], b["state_dict"], "state_dict")
+    assert_same_rows(metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "failed"))

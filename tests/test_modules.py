@@ -237,7 +237,8 @@ def test_cusparselt_request_is_deferred_to_the_first_forward():
 def test_cuda_bf16_autocast_picks_cusparselt_and_matches_masked_dense():
     torch.manual_seed(0)
     dense = nn.Linear(256, 128).cuda()
-    sparse = SparseLinear.from_dense(dense, Semi24Config(), "fc").train()
+    # narrow: `auto` would leave it masked dense, so ask for cuSPARSELt explicitly
+    sparse = SparseLinear.from_dense(dense, Semi24Config(backend="cusparselt"), "fc").train()
     x = torch.randn(3, 40, 256, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = sparse(x)
@@ -256,7 +257,7 @@ def test_cuda_bf16_autocast_picks_cusparselt_and_matches_masked_dense():
 def test_cuda_conv1x1_channels_last_matches_conv2d():
     torch.manual_seed(0)
     dense = nn.Conv2d(128, 64, kernel_size=1).cuda()
-    sparse = SparseConv1x1.from_dense(dense, Semi24Config(), "conv").eval()
+    sparse = SparseConv1x1.from_dense(dense, Semi24Config(backend="cusparselt"), "conv").eval()
     x = torch.randn(4, 128, 7, 7, device="cuda").to(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = sparse(x)

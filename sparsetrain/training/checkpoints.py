@@ -39,8 +39,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LatestCheckpoint(ModelCheckpoint):
     """Writes checkpoints/last.ckpt, what resume=auto continues from: on its step/epoch schedule whatever the
-    metrics, and at the end of fit. (Lightning's saver writes last.ckpt at the end only if it never wrote one
-    in this process, so a run ending between two scheduled saves would leave an older last.ckpt behind.)"""
+    metrics, and after the last training step.
+
+    Lightning's saver writes last.ckpt at the end only if it never wrote one in this process (so a run ending
+    between two scheduled saves would leave an older one), and it writes it in on_train_end, where the
+    unfinished epoch already counts as complete: a run resumed from there with a larger max_steps skips the
+    rest of that epoch, or trains nothing at all. This one saves at the end of the final step instead.
+    """
 
     def __init__(self, dirpath, every_n_train_steps=None, every_n_epochs=None):
         # No version counter: overwrite last.ckpt even when this saver did not write it (a resume from another
@@ -48,9 +53,22 @@ class LatestCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, monitor=None, enable_version_counter=False,
                          every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if _is_final_step(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer, pl_module):
+        # Stopped some other way (early stopping, max_time): better an end state than none.
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _is_final_step(trainer) -> bool:
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def load_checkpoint_file(path: Path, map_location="cpu") -> dict:

@@ -67,7 +67,9 @@ class MaskAgreement(L.Callback):
         if trainer.world_size < 2 or not sparse_modules(pl_module.model):
             return None
         local = torch.tensor([mask_digest(pl_module.model)], dtype=torch.int64, device=pl_module.device)
-        return [int(c) for c in trainer.strategy.all_gather(local).flatten().tolist()]
+        gathered = [torch.empty_like(local) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(gathered, local)
+        return [int(d) for d in torch.cat(gathered).tolist()]
 
 
 def _require_agreement(digests: list, step: int, when: str) -> None:

@@ -50,32 +50,40 @@ class ResumeState(L.Callback):
       `seed_everything`, so rank 0's states (the ones saved) serve all ranks.
     - The step that loggers see (Lightning's `_batches_that_stepped`): Lightning 2.6 restores it one too high
       from a checkpoint written at the end of an epoch, which would skip a step in metrics.csv and wandb.
+
+    A checkpoint written in the middle of a step (the non-finite stop) gets the RNG as the step found it, as
+    that step is tried again on resume.
     """
 
     def __init__(self):
         self._batches_done = 0
         self._pending: Optional[dict] = None
+        self._step_start_rng: Optional[dict] = None
 
     def state_dict(self) -> dict:
-        return {"rng": capture_rng_state(), "batches_done": self._batches_done}
+        # A checkpoint written in the middle of a step (the non-finite stop) holds the RNG as that step found
+        # it, since the step will be tried again.
+        rng = self._step_start_rng if self._step_start_rng is not None else capture_rng_state()
+        return {"rng": rng, "batches_done": self._batches_done}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
         self._batches_done = int(state_dict.get("batches_done", 0))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._pending is None:
-            return
-        restore_rng_state(self._pending["rng"])
-        loop = trainer.fit_loop.epoch_loop
-        if "batches_done" in self._pending and trainer.accumulate_grad_batches == 1:
-            if loop._batches_that_stepped != self._batches_done:
-                log.debug("logging step %d restored as %d", loop._batches_that_stepped, self._batches_done)
-                loop._batches_that_stepped = self._batches_done
-        self._pending = None
+        if self._pending is not None:
+            restore_rng_state(self._pending["rng"])
+            loop = trainer.fit_loop.epoch_loop
+            if "batches_done" in self._pending and trainer.accumulate_grad_batches == 1:
+                if loop._batches_that_stepped != self._batches_done:
+                    log.debug("logging step %d restored as %d", loop._batches_that_stepped, self._batches_done)
+                    loop._batches_that_stepped = self._batches_done
+            self._pending = None
+        self._step_start_rng = capture_rng_state()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batches_done += 1
+        self._step_start_rng = None
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -113,7 +121,8 @@ class _ResumableExperimentWriter(ExperimentWriter):
         _write_rows_atomically(self.metrics_file_path, self.metrics_keys, kept + self.metrics)
         self.metrics = []
         if dropped:
-            log.info("metrics.csv: replaced %d row(s) from step %d on, which this run trains again", dropped, first_step)
+            log.info("metrics.csv: replaced %d row(s) from step %d on, which this run trains again",
+                     dropped, first_step)
 
     def _rewrite_with_new_header(self, fieldnames: list) -> None:
         _write_rows_atomically(self.metrics_file_path, fieldnames, read_metric_rows(self.metrics_file_path))

@@ -1,0 +1,103 @@
+"""Bad input the spine tests (test_app.py, test_cli.py) do not cover yet: each stops before training with one
+clear error naming the fix, or leaves a layer dense with a logged reason and trains on."""
+import json
+import logging
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from sparsetrain.training.app import ConfigError, train
+from sparsetrain.training.checkpoints import CheckpointError
+from tests.helpers import TINY, compose_cfg
+
+SMALL_VIT = ["model.depth=1", "model.embed_dim=64", "model.num_heads=2"]
+
+
+@pytest.mark.parametrize("override, options", [
+    ("sparsity=semi42", ["semi24", "block", "dress"]),   # no such option in a group
+    ("optimizer=adamw", ["optim"]),                      # no such group
+])
+def test_unknown_config_group_or_option_names_what_exists(override, options, tmp_path):
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as error:
+        compose_cfg(["recipe=fmnist_dense", override], tmp_path)
+    message = str(error.value)
+    assert override.split("=")[0] in message
+    if isinstance(error.value, MissingConfigException):
+        assert all(option in message for option in options), message
+
+
+def layer_rows(run_dir) -> dict:
+    return {row["name"]: row for row in json.loads((run_dir / "layers.json").read_text())}
+
+
+def test_block_size_that_does_not_divide_a_layer_leaves_it_dense_with_the_reason(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sparsetrain")
+    # 48 divides neither 64 nor 256: every MLP linear of the 64-wide ViT stays dense, and training goes on
+    summary = train(compose_cfg(["recipe=fmnist_vit_block", *TINY, *SMALL_VIT, "sparsity.block_size=48"], tmp_path))
+    assert summary["global_step"] == 2
+    fc1 = layer_rows(tmp_path)["blocks.0.mlp.fc1"]
+    assert fc1["pattern"] == "dense" and "48" in fc1["reason"], fc1
+    assert "sparsify blocks.0.mlp.fc1 linear 256x64 -> dense" in caplog.text
+
+
+def test_layer_shape_that_2to4_cannot_serve_stays_dense_with_the_reason(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sparsetrain")
+    # width 66: qkv (198x66) has an input dim that is not a multiple of 4, fc2 (66x264) an output dim, which
+    # a transposable mask needs; the run trains on with those layers dense
+    summary = train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "model.depth=1", "model.embed_dim=66",
+                                 "model.num_heads=3"], tmp_path))
+    assert summary["global_step"] == 2
+    rows = layer_rows(tmp_path)
+    assert rows["blocks.0.attn.qkv"]["pattern"] == "dense"
+    assert "in_features 66 is not a multiple of 4" in rows["blocks.0.attn.qkv"]["reason"]
+    assert rows["blocks.0.mlp.fc2"]["pattern"] == "dense"
+    assert "out_features 66 is not a multiple of 4" in rows["blocks.0.mlp.fc2"]["reason"]
+    assert "transposable=False" in rows["blocks.0.mlp.fc2"]["reason"]
+    assert "sparsify blocks.0.attn.qkv linear 198x66 -> dense" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["trainer.precision=32-true"], r"needs fp16/bf16 .*trainer.precision=32-true.*bf16-mixed"),
+    (["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"], r"needs a CUDA GPU \(trainer.accelerator=cpu\)"),
+])
+def test_cusparselt_where_it_cannot_run_stops_before_training(overrides, match, tmp_path):
+    cfg = ["recipe=fmnist_vit_24", *TINY, *SMALL_VIT, "sparsity.backend=cusparselt", *overrides]
+    with pytest.raises(ConfigError, match=match):
+        train(compose_cfg(cfg, tmp_path))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.fixture
+def empty_class_folders(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+    return tmp_path / "imagenet"
+
+
+@pytest.mark.parametrize("data, folder, match", [
+    ("fashion_mnist", "empty", r"files not found in .*empty.*data\.root"),
+    ("imagefolder", "empty", r"empty/train is not a folder.*data\.root"),
+    ("imagefolder", "imagenet", r"n01440764 holds no images"),
+])
+def test_empty_data_folder_stops_before_training(data, folder, match, tmp_path, empty_class_folders):
+    (tmp_path / "empty").mkdir()
+    cfg = ["recipe=fmnist_dense", f"data={data}", f"data.root={tmp_path / folder}", "trainer.max_steps=1"]
+    with pytest.raises(FileNotFoundError, match=match):
+        train(compose_cfg(cfg, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_from_a_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nowhere\.ckpt does not exist.*resume=PATH"):
+        train(compose_cfg(["recipe=fmnist_dense", *TINY, f"resume={tmp_path / 'nowhere.ckpt'}"], tmp_path))
+
+
+def test_resume_from_another_recipe_goes_ahead_when_forced(tmp_path):
+    # Same network and sparsity (dense), different recipe: refused without force_resume (test_app), allowed with it.
+    train(compose_cfg(["recipe=fmnist_dense", *TINY, *SMALL_VIT], tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    other = ["recipe=fmnist_vit_24", "sparsity=dense", *TINY, *SMALL_VIT, f"resume={ckpt}", "trainer.max_steps=3"]
+    with pytest.raises(CheckpointError, match="checkpoint 'fmnist_dense' vs now 'fmnist_vit_24'.*force_resume=true"):
+        train(compose_cfg(other, tmp_path / "b"))
+    summary = train(compose_cfg([*other, "force_resume=true"], tmp_path / "b"))
+    assert summary["global_step"] == 3

@@ -67,7 +67,8 @@ def start_cli(args: list, cwd: Path, env: dict = None) -> subprocess.Popen:
 
 
 def output_of(cwd: Path) -> str:
-    return (cwd / "output.txt").read_text()
+    path = cwd / "output.txt"
+    return path.read_text() if path.is_file() else ""
 
 
 def logged_steps(run_dir: Path) -> list:

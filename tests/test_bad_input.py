@@ -13,17 +13,14 @@ from tests.helpers import TINY, compose_cfg
 SMALL_VIT = ["model.depth=1", "model.embed_dim=64", "model.num_heads=2"]
 
 
-@pytest.mark.parametrize("override, options", [
-    ("sparsity=semi42", ["semi24", "block", "dress"]),   # no such option in a group
-    ("optimizer=adamw", ["optim"]),                      # no such group
+@pytest.mark.parametrize("override, expected", [
+    ("sparsity=semi42", ["Could not find 'sparsity/semi42'", "Available options in 'sparsity'", "semi24", "dress"]),
+    ("optimizer=adamw", ["Could not override 'optimizer'"]),  # no such group (it is optim)
 ])
-def test_unknown_config_group_or_option_names_what_exists(override, options, tmp_path):
+def test_unknown_config_group_or_option_names_what_exists(override, expected, tmp_path):
     with pytest.raises((MissingConfigException, ConfigCompositionException)) as error:
         compose_cfg(["recipe=fmnist_dense", override], tmp_path)
-    message = str(error.value)
-    assert override.split("=")[0] in message
-    if isinstance(error.value, MissingConfigException):
-        assert all(option in message for option in options), message
+    assert all(text in str(error.value) for text in expected), str(error.value)
 
 
 def layer_rows(run_dir) -> dict:

@@ -25,7 +25,6 @@ from tests.resume_helpers import (STEPS, assert_runs_identical, assert_same, ass
 DENSE = ["recipe=fmnist_dense", *TINY, "model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
 
 
-
 @pytest.fixture(autouse=True)
 def single_thread():
     with one_thread():

@@ -27,7 +27,8 @@ log = logging.getLogger("sparsetrain")
 def capture_rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: reading every visible GPU's generator would open a context on each of them.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -35,10 +36,8 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        for device, device_state in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, device)
+    if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 class ResumeState(L.Callback):

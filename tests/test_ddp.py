@@ -9,9 +9,9 @@ from hydra.utils import instantiate
 from torch import nn
 
 from sparsetrain.sparse.config import Semi24Config
-from sparsetrain.sparse.sparsify import sparsify_
+from sparsetrain.sparse.sparsify import mask_checksum, sparsify_
 from sparsetrain.training.app import build_sparsity
-from sparsetrain.training.consistency import MaskDivergenceError, _require_agreement, mask_digest
+from sparsetrain.training.consistency import MaskDivergenceError, _require_agreement
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import TINY, compose_cfg
 from tests.resume_helpers import load, output_of, start_cli
@@ -44,7 +44,7 @@ def digest_of_checkpoint(path, cfg) -> int:
     build_sparsity(model, cfg.sparsity)
     state = {k.removeprefix("model."): v for k, v in load(path)["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return mask_digest(model)
+    return mask_checksum(model)
 
 
 def test_ddp_ranks_hold_the_same_masks_and_resume_restores_them_on_every_rank(tmp_path):
@@ -67,13 +67,13 @@ def test_ddp_ranks_hold_the_same_masks_and_resume_restores_them_on_every_rank(tm
     assert all(r.get("sparsity/ranks_agreeing") == "2.0" for r in rows)
 
 
-def test_mask_digest_tells_transposable_masks_apart_and_disagreement_stops_the_run():
+def test_mask_checksum_tells_transposable_masks_apart_and_disagreement_stops_the_run():
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)) for _ in range(2)]
     for model in models:
         sparsify_(model, Semi24Config(transposable=True))
-    first, second = (mask_digest(m) for m in models)
-    assert first != second and mask_digest(models[0]) == first
+    first, second = (mask_checksum(m) for m in models)
+    assert first != second and mask_checksum(models[0]) == first
     _require_agreement([first, first], step=7, when="after the mask update")
     with pytest.raises(MaskDivergenceError, match=r"step 7 .*per rank \[\d+, \d+\].*same checkpoint"):
         _require_agreement([first, second], step=7, when="after the mask update")

@@ -205,3 +205,15 @@ def test_layer_table_lists_dense_layers_with_their_reason():
     assert rows["blocks.0.mlp.fc1"]["backend"] == "emulated"
     assert set(rows["head"]) == set(rows["blocks.0.mlp.fc1"])
     assert isinstance(model.blocks[0].mlp.fc1, SparseLinear) and isinstance(model.blocks[0].mlp.fc1, SparseGemmLayer)
+
+
+def test_mask_checksum_tells_two_transposable_masks_apart():
+    # Every transposable 2:4 mask has the same count per row and column: a position-linear sum would
+    # give them all one value, and DDP ranks that disagree would look as if they agreed.
+    first, second = nn.Sequential(nn.Linear(64, 64)), nn.Sequential(nn.Linear(64, 64))
+    for model, seed in ((first, 0), (second, 1)):
+        torch.manual_seed(seed)
+        nn.init.normal_(model[0].weight)
+        sparsify_(model, Semi24Config(), skip_dense_by_default=False)
+    assert not torch.equal(first[0].mask, second[0].mask)
+    assert mask_checksum(first) != mask_checksum(second)

@@ -24,6 +24,7 @@ FilterFn = Callable[[nn.Module, str], bool]
 # Set on a layer left dense, so layer_table can say why later.
 DENSE_REASON_ATTR = "sparsetrain_dense_reason"
 _CHECKSUM_PRIME = 1_000_003
+_PRIME_A, _PRIME_B = 2_147_483_629, 2_147_483_587  # < 2**31, so products stay inside int64
 _CHECKSUM_MODULUS = (1 << 61) - 1
 
 
@@ -240,13 +241,18 @@ def layer_table(model: nn.Module) -> list[dict]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def mask_checksum(model: nn.Module) -> int:
-    """A deterministic integer from every sparse layer's mask, in module order: equal on all
-    DDP ranks exactly when their masks agree (up to an unlikely collision)."""
+    """An integer that changes when any mask entry of any sparse layer changes, in module order: equal
+    on all DDP ranks exactly when their masks agree (up to an unlikely collision).
+
+    Each kept position adds a pseudo-random weight ((i * A mod P)^2 mod A), so two masks with the
+    same count per row and column (every transposable 2:4 mask) still differ; a position-linear sum
+    would give them all the same value."""
     checksum = 0
     for _, module in sparse_modules(model):
         flat = module.mask.flatten()
-        position_weights = torch.arange(flat.numel(), device=flat.device) % _CHECKSUM_PRIME + 1
-        layer_sum = int((flat.long() * position_weights).sum().item())
-        checksum = (checksum * _CHECKSUM_PRIME + layer_sum + flat.numel()) % _CHECKSUM_MODULUS
+        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * _PRIME_A % _PRIME_B
+        weights = weights * weights % _PRIME_A
+        checksum = (checksum * _CHECKSUM_PRIME + int(weights[flat].sum().item()) + flat.numel()) % _CHECKSUM_MODULUS
     return checksum

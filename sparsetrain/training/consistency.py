@@ -2,34 +2,13 @@
 
 Masks are recomputed from the weights each rank holds after the synchronized optimizer step, so ranks agree
 without exchanging masks. `MaskAgreement` checks that this holds instead of trusting it: it gathers each
-rank's `mask_digest` when training starts (after a resume: proof that every rank restored the same sparsity
+rank's `mask_checksum` when training starts (after a resume: proof that every rank restored the same sparsity
 state from the checkpoint, which rank 0 alone wrote) and every `every` steps, and stops the run if they differ.
 """
 import lightning.pytorch as L
 import torch
 
-from sparsetrain.sparse.sparsify import sparse_modules
-
-_PRIME_A, _PRIME_B = 2_147_483_629, 2_147_483_587  # < 2**31, so products stay inside int64
-_MODULUS = (1 << 61) - 1
-
-
-@torch.no_grad()
-def mask_digest(model: torch.nn.Module) -> int:
-    """An integer that changes when any mask entry of any sparse layer changes, computed on the masks' device.
-
-    Each kept position adds a pseudo-random weight ((i * A mod P)^2 mod P'), so two masks with the same count
-    per row and column (every transposable 2:4 mask) still differ, which a position-linear sum would not see.
-    """
-    digest = 0
-    for _, module in sparse_modules(model):
-        flat = module.mask.flatten()
-        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * _PRIME_A % _PRIME_B
-        weights = weights * weights % _PRIME_A
-        layer = int(weights[flat].sum().item())
-        digest = (digest * 1_000_003 + layer + flat.numel()) % _MODULUS
-    return digest
-
+from sparsetrain.sparse.sparsify import mask_checksum, sparse_modules
 
 class MaskDivergenceError(RuntimeError):
     pass
@@ -66,7 +45,7 @@ class MaskAgreement(L.Callback):
     def _gather(trainer, pl_module):
         if trainer.world_size < 2 or not sparse_modules(pl_module.model):
             return None
-        local = torch.tensor([mask_digest(pl_module.model)], dtype=torch.int64, device=pl_module.device)
+        local = torch.tensor([mask_checksum(pl_module.model)], dtype=torch.int64, device=pl_module.device)
         gathered = [torch.empty_like(local) for _ in range(trainer.world_size)]
         torch.distributed.all_gather(gathered, local)
         return [int(d) for d in torch.cat(gathered).tolist()]

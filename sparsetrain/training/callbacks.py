@@ -19,7 +19,8 @@ PHASE_CODES = {"dense_warmup": 0, "pruning": 1, "sparse": 2, "dense_finetune": 3
 
 class SparsityScheduler(L.Callback):
     """Applies PruneSchedule.phase(step) to every sparse layer before each training step, and logs
-    the phase, the level, the mask flip rate and each layer's measured sparsity.
+    the phase, the level, the mask flip rate (fraction of mask entries changed per mask update, averaged
+    over the updates since the last log) and each layer's measured sparsity.
 
     Masks are computed from the weights every rank holds after the synchronized optimizer step, so
     DDP ranks agree without communication; `mask_checksum` is logged to prove it.
@@ -70,7 +71,10 @@ class SparsityScheduler(L.Callback):
         if not layers:
             return
         flips = [module.pop_flip_rate() for _, module in layers]
-        logs = {"sparsity/flip_rate": sum(flips) / len(flips)}
+        # flips add up over the mask updates since the last log: report the mean fraction per update
+        done = trainer.global_step - 1
+        updates = sum(self.schedule.phase(s).update_mask for s in range(max(0, done - self.log_every + 1), done + 1))
+        logs = {"sparsity/flip_rate": sum(flips) / len(flips) / max(1, updates)}
         for row in layer_table(pl_module.model):
             if row["pattern"] != "dense" and row.get("measured_sparsity") is not None:
                 logs[f"sparsity/layer/{row['name']}"] = float(row["measured_sparsity"])

@@ -141,8 +141,7 @@ def train(cfg: DictConfig) -> dict:
     throughput = Throughput()
     callbacks = build_callbacks(cfg, run_dir, records, throughput, datamodule)
     loggers = build_loggers(cfg.logger, run_dir, run_label=f"{cfg.get('recipe_name')}/{run_dir.name}")
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          plugins=[AtomicCheckpointIO()])
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     module.checkpoint_identity = identity
     started = time.time()
     with exit_on_preemption():

@@ -58,24 +58,50 @@ def train(model: str, method: str, seed: int, extra: list) -> None:
     (run_dir(model, method, seed) / "command.txt").write_text("python train.py " + " ".join(args) + "\n")
 
 
+def mean_accuracy(model: str, method: str):
+    runs = sorted(RUNS.glob(f"{RECIPE[model]}/{model}-{method}-s*/summary.json"))
+    accs = [json.loads(p.read_text())["metrics"]["val/acc"] for p in runs]
+    return (statistics.mean(accs) if accs else None), accs, runs
+
+
+def targets(model: str) -> list:
+    """The issue's targets, each marked met / missed / not run yet."""
+    dense, _, _ = mean_accuracy(model, "dense")
+    semi, _, _ = mean_accuracy(model, "semi24")
+    dress, _, _ = mean_accuracy(model, "block80_dress")
+    magnitude, _, _ = mean_accuracy(model, "block80_mag")
+
+    def verdict(ok):
+        return "not run yet" if ok is None else ("met" if ok else "MISSED")
+
+    semi_ok = None if None in (dense, semi) else dense - semi <= 0.005
+    dress_ok = None if None in (dense, dress, magnitude) else (dense - dress <= 0.015 and dress > magnitude)
+    return [f"- {model}: 2:4 from scratch within 0.5 points of dense: {verdict(semi_ok)}",
+            f"- {model}: block 80% DRESS within 1.5 points of dense and ahead of magnitude: {verdict(dress_ok)}"]
+
+
 def table() -> str:
     lines = ["# Fashion-MNIST accuracy by sparsity method", "",
              "Top-1 on the 10k test split (mean and spread over seeds), from each run's summary.json. "
              "Made by `scripts/accuracy_table.py`; each row's exact command is in its run directory "
              "(`command.txt`).", "",
-             "| model | method | seeds | top-1 mean | spread (max-min) | steps | command (seed 0) |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | method | seeds | top-1 mean | vs dense | spread (max-min) | steps | command (seed 0) |",
+             "|---|---|---|---|---|---|---|---|"]
     for model in RECIPE:
+        dense, _, _ = mean_accuracy(model, "dense")
         for method, (label, _) in METHODS.items():
-            runs = sorted(RUNS.glob(f"{RECIPE[model]}/{model}-{method}-s*/summary.json"))
+            mean, accs, runs = mean_accuracy(model, method)
             if not runs:
                 continue
-            summaries = [json.loads(p.read_text()) for p in runs]
-            accs = [s["metrics"]["val/acc"] for s in summaries]
-            cmd = (runs[0].parent / "command.txt")
-            cmd_text = cmd.read_text().strip() if cmd.is_file() else ""
-            lines.append(f"| {model} | {label} | {len(accs)} | {statistics.mean(accs):.4f} | "
-                         f"{max(accs) - min(accs):.4f} | {summaries[0]['global_step']} | `{cmd_text}` |")
+            steps = json.loads(runs[0].read_text())["global_step"]
+            delta = "" if dense is None else f"{100 * (mean - dense):+.2f} pt"
+            cmd = runs[0].parent / "command.txt"
+            cmd_text = cmd.read_text().strip().replace(f"{ROOT}/", "") if cmd.is_file() else ""
+            lines.append(f"| {model} | {label} | {len(accs)} | {mean:.4f} | {delta} | {max(accs) - min(accs):.4f} | "
+                         f"{steps} | `{cmd_text}` |")
+    lines += ["", "Targets (from the literature: NVIDIA's 2:4 recipe, SR-STE, superblock):"]
+    for model in RECIPE:
+        lines += targets(model)
     return "\n".join(lines) + "\n"
 
 

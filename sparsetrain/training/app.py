@@ -19,7 +19,7 @@ from sparsetrain.sparse.sparsify import layer_table, sparsify_
 from sparsetrain.training.callbacks import (LayerReport, MaskSnapshots, SparsityScheduler, Throughput, WandbRunInfo,
                                            merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
-                                              find_resume_checkpoint, load_checkpoint_file)
+                                              load_resume_checkpoint)
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> dict:
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = find_resume_checkpoint(run_dir, cfg.resume)
+    ckpt_path, ckpt = load_resume_checkpoint(run_dir, cfg.resume)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build(cfg.data)
@@ -134,8 +134,8 @@ def train(cfg: DictConfig) -> dict:
         subnet_levels=cfg.sparsity.get("subnet_levels"), subnet_weights=cfg.sparsity.get("subnet_weights"))
     identity = run_identity(cfg)
     if ckpt_path is not None:
-        check_compatible(load_checkpoint_file(ckpt_path), module.state_dict(), identity,
-                         cfg.force_resume, ckpt_path)
+        check_compatible(ckpt, module.state_dict(), identity, cfg.force_resume, ckpt_path)
+    del ckpt  # Lightning loads it again into the trainer; do not hold a second copy through training
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     throughput = Throughput()

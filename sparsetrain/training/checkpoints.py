@@ -133,8 +133,14 @@ def _process_alive(pid: int) -> bool:
 
 
 def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """Which checkpoint `resume` means. None: a fresh run (refused where one would overwrite
-    checkpoints). 'auto': the newest loadable checkpoint in run_dir, or a fresh start if none."""
+    """Which checkpoint `resume` means (see load_resume_checkpoint)."""
+    return load_resume_checkpoint(run_dir, resume)[0]
+
+
+def load_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> tuple:
+    """(path, loaded checkpoint) that `resume` means, or (None, None) for a fresh run. None: a fresh
+    run (refused where one would overwrite checkpoints). 'auto': the newest loadable checkpoint in
+    run_dir, or a fresh start if none. The file is loaded once here, to validate it; callers reuse it."""
     remove_partial_writes(run_dir)
     existing = checkpoints_newest_first(run_dir)
     if resume in (None, "", "null"):
@@ -142,12 +148,12 @@ def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Pat
             raise CheckpointError(
                 f"run directory {run_dir} already holds checkpoints ({existing[0].name}); "
                 "pass resume=auto to continue it, or run_name=<new name> for a new run")
-        return None
+        return None, None
     if resume == "auto":
         skipped = []
         for path in existing:
             try:
-                load_checkpoint_file(path)
+                ckpt = load_checkpoint_file(path)
             except CheckpointError as e:
                 log.warning("%s; trying an older one", e)
                 skipped.append(path.name)
@@ -155,7 +161,7 @@ def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Pat
             if skipped:
                 print(f"resume=auto: skipped unusable {', '.join(skipped)}; continuing from {path}")
             log.info("resume=auto: continuing from %s", path)
-            return path
+            return path, ckpt
         if skipped:
             # Starting over here would silently throw the run away; let a person decide.
             raise CheckpointError(
@@ -163,10 +169,9 @@ def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Pat
                 "above); pass resume=PATH to an older copy, or run_name=<new name> to start a new run")
         log.info("resume=auto: no usable checkpoint in %s, starting fresh", run_dir)
         print(f"resume=auto: no checkpoint in {run_dir}, starting fresh")
-        return None
+        return None, None
     path = Path(resume).expanduser()
-    load_checkpoint_file(path)
-    return path
+    return path, load_checkpoint_file(path)
 
 
 def check_compatible(ckpt: dict, model_state: dict, identity: dict, force: bool, path: Path) -> None:

@@ -86,8 +86,8 @@ def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
     opts = OmegaConf.to_container(sparsity_cfg, resolve=True)
     include = tuple(opts.pop("include", ["*"]))
     exclude = tuple(opts.pop("exclude", []))
-    # DRESS multi-subnet levels drive SparseClassifier's loss, not the sparsifier.
-    for key in ("subnet_levels", "subnet_weights"):
+    # DRESS multi-subnet levels and the score learning rate drive SparseClassifier, not the sparsifier.
+    for key in ("subnet_levels", "subnet_weights", "score_lr_scale"):
         opts.pop(key, None)
     config = config_from_dict(opts)
     return sparsify_(model, config, include=include, exclude=exclude)
@@ -131,7 +131,8 @@ def train(cfg: DictConfig) -> dict:
         model, num_classes=cfg.data.num_classes, optimizer=build(cfg.optim),
         sched=OmegaConf.to_container(cfg.sched, resolve=True), nonfinite=cfg.nonfinite,
         label_smoothing=cfg.get("label_smoothing", 0.0),
-        subnet_levels=cfg.sparsity.get("subnet_levels"), subnet_weights=cfg.sparsity.get("subnet_weights"))
+        subnet_levels=cfg.sparsity.get("subnet_levels"), subnet_weights=cfg.sparsity.get("subnet_weights"),
+        score_lr_scale=cfg.sparsity.get("score_lr_scale", 1.0))
     identity = run_identity(cfg)
     if ckpt_path is not None:
         check_compatible(ckpt, module.state_dict(), identity, cfg.force_resume, ckpt_path)

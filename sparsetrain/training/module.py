@@ -26,7 +26,7 @@ class SparseClassifier(L.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, optimizer: Callable, sched: dict,
                  label_smoothing: float = 0.0, nonfinite: str = "stop",
                  subnet_levels: Optional[Sequence[float]] = None,
-                 subnet_weights: Optional[Sequence[float]] = None):
+                 subnet_weights: Optional[Sequence[float]] = None, score_lr_scale: float = 1.0):
         super().__init__()
         if nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite={nonfinite!r}: use skip or stop")
@@ -35,6 +35,9 @@ class SparseClassifier(L.LightningModule):
         self.sched = dict(sched)
         self.label_smoothing = label_smoothing
         self.nonfinite = nonfinite
+        if not score_lr_scale > 0:
+            raise ValueError(f"score_lr_scale={score_lr_scale} must be > 0: it multiplies optim.lr for DRESS block scores")
+        self.score_lr_scale = float(score_lr_scale)
         self.subnet_levels = list(subnet_levels or [])
         self.subnet_weights = list(subnet_weights or [1.0] * len(self.subnet_levels))
         if len(self.subnet_weights) != len(self.subnet_levels):
@@ -109,7 +112,7 @@ class SparseClassifier(L.LightningModule):
         checkpoint["sparsetrain"] = dict(self.checkpoint_identity)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(param_groups(self.model, self.optimizer_factory))
+        optimizer = self.optimizer_factory(param_groups(self.model, self.optimizer_factory, self.score_lr_scale))
         total = int(self.trainer.estimated_stepping_batches)
         multiplier = functools.partial(
             lr_multiplier, total_steps=total, name=self.sched.get("name", "cosine"),
@@ -119,21 +122,40 @@ class SparseClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def param_groups(model: nn.Module, optimizer_factory) -> list:
+def param_groups(model: nn.Module, optimizer_factory, score_lr_scale: float = 1.0) -> list:
     """No weight decay on biases, norms, position embeddings and block scores (decay would shrink them
-    toward pruning for no reason); the factory's weight_decay applies to the rest."""
-    decay, no_decay = [], []
+    toward pruning for no reason); the factory's weight_decay applies to the rest.
+
+    DRESS block scores get their own group at `score_lr_scale` x the factory's lr: with Adam every
+    score moves by about lr per step whatever its gradient's size, while the scores start at block
+    norms (~0.3 for a 16x16 block at init), so their learning rate sets how fast the mask churns.
+    """
+    decay, no_decay, scores = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token", "block_scores")):
+        if name.endswith("block_scores"):
+            scores.append(p)
+        elif p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token")):
             no_decay.append(p)
         else:
             decay.append(p)
     groups = [{"params": decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if scores:
+        groups.append({"params": scores, "weight_decay": 0.0, **_scaled_lr(optimizer_factory, score_lr_scale)})
     return groups
+
+
+def _scaled_lr(optimizer_factory, scale: float) -> dict:
+    """{'lr': base lr x scale} for a param group; {} when the scale is 1 (the group inherits the lr)."""
+    if scale == 1.0:
+        return {}
+    base = getattr(optimizer_factory, "keywords", {}).get("lr")
+    if base is None:
+        raise ValueError("sparsity.score_lr_scale needs optim.lr to be set explicitly in the optimizer config")
+    return {"lr": base * scale}
 
 
 @torch.no_grad()

@@ -1,0 +1,47 @@
+"""Optimizer parameter groups: which parameters decay, and the DRESS score learning rate."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.sparse import BlockConfig, sparsify_
+from sparsetrain.training.module import SparseClassifier, param_groups
+
+
+def _dress_mlp() -> nn.Module:
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    sparsify_(model, BlockConfig(block_size=16, sparsity=0.5, criterion="scores"), include=["*"],
+              exclude=[])
+    return model
+
+
+def _ids(group) -> set:
+    return {id(p) for p in group["params"]}
+
+
+def test_scores_get_their_own_group_with_a_scaled_lr_and_no_decay():
+    model = _dress_mlp()
+    factory = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
+    decay, no_decay, scores = param_groups(model, factory, score_lr_scale=0.1)
+    assert _ids(decay) == {id(model[0].weight), id(model[2].weight)}
+    assert _ids(no_decay) == {id(model[0].bias), id(model[2].bias)}
+    assert _ids(scores) == {id(model[0].block_scores), id(model[2].block_scores)}
+    assert scores["weight_decay"] == 0.0 and scores["lr"] == pytest.approx(1e-4)
+    optimizer = factory([decay, no_decay, scores])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_scale_one_leaves_the_score_group_on_the_base_lr():
+    groups = param_groups(_dress_mlp(), functools.partial(torch.optim.SGD, lr=0.1), score_lr_scale=1.0)
+    assert "lr" not in groups[-1]
+
+
+def test_a_scaled_score_lr_needs_an_explicit_base_lr():
+    with pytest.raises(ValueError, match="optim.lr"):
+        param_groups(_dress_mlp(), functools.partial(torch.optim.AdamW), score_lr_scale=0.5)
+
+
+def test_the_classifier_refuses_a_non_positive_score_lr_scale():
+    with pytest.raises(ValueError, match="score_lr_scale"):
+        SparseClassifier(_dress_mlp(), num_classes=4, optimizer=torch.optim.AdamW, sched={}, score_lr_scale=0.0)

@@ -30,8 +30,9 @@ class Run:
 
     @property
     def args(self) -> list[str]:
+        # resume=auto: a run cut off (a device call's time limit) continues from its last checkpoint.
         return [f"recipe={self.recipe}", *self.overrides, f"paths.root={self.root}", f"run_name={self.name}",
-                "trainer.enable_progress_bar=false"]
+                "resume=auto", "trainer.enable_progress_bar=false"]
 
     def command(self) -> str:
         return "python train.py " + " ".join(self.args).replace(f"{ROOT}/", "")

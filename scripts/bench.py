@@ -1,13 +1,14 @@
 """Dense vs 2:4 on the GPU at hand: GEMMs, prune+compress, host cost, the ViT-L MLP block, a ViT-L step.
 
-    python scripts/bench.py [--quick] [--only a,b,c,d,e] [--out benchmarks]
+    python scripts/bench.py [--quick] [--only a,b,c,d,e,f,g,h,i,p] [--out benchmarks]
 
 Every row times dense and sparse in the same run, on the same shapes, in the same mode, as medians
 after warm-up on random data. "graph" is the GPU time of calls captured in one CUDA graph and
 replayed (host overhead removed); "eager" is wall time per call of back-to-back launches (what a
 plain PyTorch loop sees, host overhead included). A speedup under 1 is printed as SLOWER.
 Sections are independent: one that fails prints its error and the others still run.
-Writes benchmarks/bench-<date>.json and a .md copy with the GPU and software versions.
+Writes benchmarks/bench-<date>.json and a .md copy with the GPU and software versions, after every
+section (a run stopped midway keeps what it measured).
 """
 from __future__ import annotations
 
@@ -195,6 +196,7 @@ def library_linear(compress: str | None = None, plans: bool | None = None, froze
 
     def make(lin: nn.Linear) -> nn.Module:
         layer = SparseLinear.from_dense(lin, Semi24Config(backend="cusparselt"), "bench").train()
+        layer.resolve_backend_for("cuda", DT)  # now, not in the first forward, which torch.compile traces
         if compress is not None:
             backend = CuSparseLtBackend(sparse_input_grad=True, compress=compress, plans=plans)
             layer.use_backend(backend, "cuda", DT, f"pinned by bench.py: compress={compress}, plans={plans}")
@@ -333,6 +335,7 @@ def section_c(t: Timer, quick: bool) -> list[dict]:
         _, prepared = backend.prepare_weight(w, mask)
         calls[f"library CuSparseLtBackend.linear with bias ({'plan cache' if plans else 'torch op'})"] = \
             lambda backend=backend, prepared=prepared: backend.linear(x, prepared, bias)
+    calls.update(_linear_fwd_bwd_calls(x, d, h))
     rows = []
     for label, kwargs in (("", {}), (", with bias", {"bias": bias})):
         try:  # sanity (not a test): the plan cache computes the same bits as torch's call
@@ -349,6 +352,23 @@ def section_c(t: Timer, quick: bool) -> list[dict]:
             rows.append({"name": f"vit_l fc1 {name}", "error": f"{type(e).__name__}: {e}"[:300]})
         print_row(rows[-1])
     return rows
+
+
+def _linear_fwd_bwd_calls(x, d: int, h: int) -> dict:
+    """Forward + backward of one training-mode linear at (d -> h): dense nn.Linear, and the library's
+    SparseLinear as resolved (mask re-pruned in the forward), eager and compiled."""
+    dense = nn.Linear(d, h).to("cuda", DT)
+    sparse = SPARSE_VARIANTS[LIBRARY](nn.Linear(d, h).to("cuda", DT))
+    compiled = SPARSE_VARIANTS[LIBRARY](nn.Linear(d, h).to("cuda", DT))
+    compiled.compile()
+    x = x.detach().requires_grad_()
+    gy = torch.randn(x.shape[0], h, device="cuda", dtype=DT)
+
+    def fwd_bwd(layer):
+        return lambda: layer(x).backward(gy)
+    return {"dense nn.Linear forward + backward": fwd_bwd(dense),
+            "library SparseLinear forward + backward (re-prune, plan cache), eager": fwd_bwd(sparse),
+            "library SparseLinear forward + backward, torch.compile (mode default)": fwd_bwd(compiled)}
 
 
 def _mlp(variant: str | None, d: int, h: int) -> nn.Module:
@@ -411,7 +431,7 @@ def section_d(t: Timer, quick: bool) -> list[dict]:
     return rows
 
 
-def _vit_step_ms(t: Timer, variant: str | None, graph: bool) -> float:
+def _vit_step_ms(t: Timer, variant: str | None, graph: bool, compiled: bool = False) -> float:
     import timm
     torch.manual_seed(0)
     with torch.device("cuda"):  # initialising 300M parameters on the CPU takes longer than the timing
@@ -420,6 +440,8 @@ def _vit_step_ms(t: Timer, variant: str | None, graph: bool) -> float:
         for block in model.blocks:
             block.mlp.fc1 = SPARSE_VARIANTS[variant](block.mlp.fc1)
             block.mlp.fc2 = SPARSE_VARIANTS[variant](block.mlp.fc2)
+    if compiled:
+        _compile_blocks(model)
     images = torch.randn(64, 3, 224, 224, device="cuda", dtype=DT)
     labels = torch.randint(0, 1000, (64,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True, capturable=graph)
@@ -458,13 +480,331 @@ def section_e(t: Timer, quick: bool) -> list[dict]:
     return rows
 
 
-SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+# ------------------------------------------------------------- compiled and inference paths (f-i)
+def _compile_blocks(model: nn.Module) -> None:
+    """torch.compile (mode default) per transformer block, in place: regional compilation, so the 24
+    identical ViT-L blocks compile once; the patch embedding, final norm and head stay eager."""
+    for block in model.blocks:
+        block.compile()
+
+
+def _squared_relu_mlp(d: int, h: int, act24: bool | None) -> nn.Module:
+    """Linear - Squared-ReLU - Linear; act24 True/False: fc2's input activations 2:4 (transposable or
+    row-wise) through the library's SparseLinear on cuSPARSELt; None: dense."""
+    from sparsetrain.sparse import Act24Config, SparseLinear
+    from sparsetrain.training.models import SquaredReLU
+    mlp = nn.Sequential(nn.Linear(d, h), SquaredReLU(), nn.Linear(h, d)).to("cuda", DT)
+    if act24 is not None:
+        mlp[2] = SparseLinear.from_dense(mlp[2], Act24Config(backend="cusparselt", transposable=act24), "fc2").train()
+    return mlp
+
+
+def section_f(t: Timer, quick: bool) -> list[dict]:
+    """Squared-ReLU MLP (ViT-L shapes) fwd+bwd: fc2's input activations 2:4 vs the dense Squared-ReLU MLP."""
+    from sparsetrain.sparse import EmulatedBackend
+    d, h = MLP_SHAPES["vit_l"]
+    x = torch.randn(TOKENS, d, device="cuda", dtype=DT, requires_grad=True)
+    gout = torch.randn(TOKENS, d, device="cuda", dtype=DT)
+    torch.manual_seed(0)
+    dense = _squared_relu_mlp(d, h, None)
+    dense_step = lambda: dense(x).backward(gout)  # noqa: E731
+    timings = {"graph": t.graph_ms(dense_step), "eager": t.eager_ms(dense_step)}
+    rows = []
+    for transposable in (False, True):
+        torch.manual_seed(0)
+        mlp = _squared_relu_mlp(d, h, transposable)
+        torch.manual_seed(0)
+        reference = _squared_relu_mlp(d, h, transposable)  # same weights, same math as masked dense
+        reference[2].use_backend(EmulatedBackend(), "cuda", DT, "bench reference")
+        grads = []
+        for model in (mlp, reference):
+            x.grad = None
+            model(x).backward(gout)
+            grads.append(x.grad.clone())
+        err = round(rel_err(*grads), 5)
+        del reference
+        step = lambda: mlp(x).backward(gout)  # noqa: E731
+        for mode in ("graph", "eager"):
+            timed = t.graph_ms if mode == "graph" else t.eager_ms
+            rows.append(pair_row(f"vit_l Squared-ReLU MLP fwd+bwd {TOKENS} tok, fc2 input 2:4 "
+                                 f"({'transposable: dW sparse too' if transposable else 'row-wise'}) (vs dense)",
+                                 mode, timings[mode], timed(step), dx_rel_err_vs_emulated=err,
+                                 backend=mlp[2].backend_reason))
+            print_row(rows[-1])
+        del mlp
+    return rows
+
+
+class StaticSparseLinear(nn.Module):
+    """2:4 inference linear: W_s (transposable mask of |W|) compressed once when built; each call is
+    one cuSPARSELt GEMM with the bias in its epilogue, through the library's `cslt_linear` custom op
+    (plan cache, searched and verified algorithm), so it runs eager, in a CUDA graph or compiled."""
+
+    def __init__(self, dense: nn.Linear):
+        from sparsetrain.kernels import compress_masked
+        from sparsetrain.sparse import mask_24_transposable
+        super().__init__()
+        weight = dense.weight.detach()
+        self.register_buffer("weight", weight)
+        self.register_buffer("mask", mask_24_transposable(weight.abs()))
+        self.register_buffer("compressed", compress_masked(weight, self.mask, transposed=False)[0])
+        self.register_buffer("bias", None if dense.bias is None else dense.bias.detach())
+
+    def forward(self, x):
+        from sparsetrain.sparse.backends import cslt_linear
+        y = cslt_linear(x.reshape(-1, x.shape[-1]), self.compressed, self.weight, self.mask, self.bias, None, None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _vit_l(static_24: bool) -> nn.Module:
+    import timm
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = timm.create_model("vit_large_patch16_224", num_classes=1000).to(DT).eval()
+    if static_24:
+        for block in model.blocks:
+            block.mlp.fc1, block.mlp.fc2 = StaticSparseLinear(block.mlp.fc1), StaticSparseLinear(block.mlp.fc2)
+    return model
+
+
+def section_g(t: Timer, quick: bool) -> list[dict]:
+    """ViT-L/16 inference, batch 64: 2:4 static compressed MLP weights vs dense, eager, graph, compiled."""
+    images = torch.randn(64, 3, 224, 224, device="cuda", dtype=DT)
+    models = {"dense": _vit_l(False), "2:4": _vit_l(True)}
+    with torch.no_grad():
+        logits = {name: model(images).float() for name, model in models.items()}
+        agreement = float((logits["dense"].argmax(1) == logits["2:4"].argmax(1)).float().mean())
+    results = {}
+    for compiled in (False, True):
+        if compiled:
+            for model in models.values():
+                _compile_blocks(model)
+        for name, model in models.items():
+            forward = torch.no_grad()(lambda model=model: model(images))
+            results[name, compiled, "graph"] = t.graph_ms(forward)
+            results[name, compiled, "eager"] = t.eager_ms(forward)
+    rows = []
+    for compiled in (False, True):
+        for mode in ("graph", "eager"):
+            label = ("torch.compile per block" + (" + CUDA graph" if mode == "graph" else "")) if compiled else mode
+            rows.append(pair_row(f"vit_large_patch16_224 inference bs64, 2:4 static compressed MLP weights (vs dense), "
+                                 f"{label}", mode, results["dense", compiled, mode], results["2:4", compiled, mode],
+                                 top1_agreement_with_dense=round(agreement, 3)))
+            print_row(rows[-1])
+    best_dense = min(v for (name, *_), v in results.items() if name == "dense")
+    best_sparse = min(v for (name, *_), v in results.items() if name == "2:4")
+    rows.append(pair_row("vit_large_patch16_224 inference bs64, fastest 2:4 mode vs fastest dense mode", "best",
+                         best_dense, best_sparse))
+    print_row(rows[-1])
+    return rows
+
+
+def section_h(t: Timer, quick: bool) -> list[dict]:
+    """Full ViT-L/16 training step compiled (per block), dense vs the library's 2:4 MLPs, and each vs the
+    fastest dense mode measured here."""
+    rows, results = [], {}
+    for variant in (None, LIBRARY):
+        for graph in (True, False):
+            try:
+                results[variant, graph] = _vit_step_ms(t, variant, graph, compiled=True)
+            except Exception as e:
+                rows.append({"name": f"vit_l step compiled {variant or 'dense'} graph={graph}",
+                             "error": f"{type(e).__name__}: {e}"[:300]})
+                print_row(rows[-1])
+    for graph in (True, False):
+        if (None, graph) in results and (LIBRARY, graph) in results:
+            mode = "compile+graph" if graph else "compile"
+            rows.append(pair_row(f"vit_large_patch16_224 step bs64, torch.compile per block, {LIBRARY} (vs dense)",
+                                 mode, results[None, graph], results[LIBRARY, graph]))
+            print_row(rows[-1])
+    dense_modes = {f"dense {'compile+graph' if g else 'compile'}": ms for (v, g), ms in results.items() if v is None}
+    if dense_modes and any(v == LIBRARY for v, _ in results):
+        fastest_name, fastest = min(dense_modes.items(), key=lambda item: item[1])
+        sparse = min(ms for (v, _), ms in results.items() if v == LIBRARY)
+        rows.append(pair_row(f"vit_large_patch16_224 step bs64, fastest 2:4 vs fastest dense ({fastest_name})",
+                             "best", fastest, sparse))
+        print_row(rows[-1])
+    return rows
+
+
+TRAIN_PY_STEPS = 25  # train.py's Throughput: 5 warm-up steps, then one window of 20
+TRAIN_PY_WORKERS = 6  # synthetic images are drawn on the CPU; 6 loader workers keep up with a ViT-L step
+
+
+def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None) -> float:
+    """train.py's vit_l_24 step without Lightning: the same model, sparsity, bf16 autocast over fp32
+    weights, AdamW, grad-norm clipping and label smoothing, on one batch that stays on the GPU."""
+    from sparsetrain.sparse import Semi24Config, sparsify_
+    from sparsetrain.training.compile import compile_in_place
+    from sparsetrain.training.models import create_model
+    torch.manual_seed(0)
+    model = create_model("vit_large_patch16_224", num_classes=10, img_size=224, drop_path_rate=0.2).cuda().train()
+    if sparsity == "semi24":
+        sparsify_(model, Semi24Config(), include=("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"))
+    if compile_mode is not None:
+        compile_in_place(model, compile_mode, "cuda", torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05)
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 10, (64,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    try:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(TRAIN_PY_STEPS - 5):
+            step()
+        torch.cuda.synchronize()
+        return 64 * (TRAIN_PY_STEPS - 5) / (time.perf_counter() - start)
+    finally:
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def _train_py_images_per_s(sparsity: str, compile_mode: str | None, root: pathlib.Path) -> float:
+    """images_per_second from summary.json of `python train.py recipe=vit_l_24 data=synthetic ...`."""
+    import subprocess
+    run_name = f"{sparsity}-{compile_mode or 'eager'}"
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "train.py"), "recipe=vit_l_24",
+           f"sparsity={sparsity}", "data=synthetic", "data.batch_size=64", f"data.train_size={64 * TRAIN_PY_STEPS}",
+           f"data.num_workers={TRAIN_PY_WORKERS}", f"trainer.max_steps={TRAIN_PY_STEPS}", "trainer.limit_val_batches=1",
+           "sched.warmup_steps=5", "trainer.enable_progress_bar=false", "logger=csv", f"paths.root={root}",
+           f"run_name={run_name}", f"compile={compile_mode or 'null'}"]
+    print("  $ " + " ".join(cmd[1:]), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"train.py failed ({done.returncode}): {done.stderr[-600:]}")
+    return json.loads((root / "vit_l_24" / run_name / "summary.json").read_text())["images_per_second"]
+
+
+def section_i(t: Timer, quick: bool) -> list[dict]:
+    """The ViT-L step through `train.py` (images/s from summary.json) vs the bare loop, same mode and batch."""
+    import tempfile
+    rows = []
+    modes = [None] if quick else [None, "default"]
+    with tempfile.TemporaryDirectory() as root:
+        for compile_mode in modes:
+            for sparsity in ("semi24", "dense"):
+                try:
+                    through = _train_py_images_per_s(sparsity, compile_mode, pathlib.Path(root))
+                    bare = _bare_loop_images_per_s(sparsity, compile_mode)
+                    rows.append({"name": f"vit_l_24 {sparsity} train.py vs bare loop (bf16-mixed, batch 64, "
+                                         f"{TRAIN_PY_WORKERS} loader workers)", "mode": f"compile={compile_mode}"
+                                 if compile_mode else "eager", "train_py_img_s": round(through, 1),
+                                 "bare_loop_img_s": round(bare, 1), "ratio": round(through / bare, 3),
+                                 "verdict": "within 3%" if through >= 0.97 * bare else "MISSED (over 3% slower)"})
+                except Exception as e:
+                    rows.append({"name": f"vit_l_24 {sparsity} train.py vs bare loop, compile={compile_mode}",
+                                 "error": f"{type(e).__name__}: {e}"[:600]})
+                print_row(rows[-1])
+    return rows
+
+
+# Kernel name fragments -> what the step spends that time on (first match wins, lower-case names).
+KERNEL_KINDS = [
+    ("prune+compress kernel", ("prune_compress",)),
+    ("cuSPARSELt 2:4 GEMMs", ("sparse", "spmma", "sp_gemm")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("dense GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "sm90_")),
+    ("optimizer (foreach AdamW)", ("multi_tensor", "foreach")),
+    ("inductor-fused elementwise/reductions", ("triton_",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill")),
+]
+
+
+def _kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)),
+                "other elementwise/reductions (eager)")
+
+
+def _profile_step(variant: str | None, compiled: bool) -> dict:
+    """GPU kernel time per kind over 3 eager ViT-L steps (torch.profiler), plus the idle gaps."""
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = timm.create_model("vit_large_patch16_224", num_classes=1000).to(DT)
+    if variant is not None:
+        for block in model.blocks:
+            block.mlp.fc1 = SPARSE_VARIANTS[variant](block.mlp.fc1)
+            block.mlp.fc2 = SPARSE_VARIANTS[variant](block.mlp.fc2)
+    if compiled:
+        _compile_blocks(model)
+    images = torch.randn(64, 3, 224, 224, device="cuda", dtype=DT)
+    labels = torch.randint(0, 1000, (64,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+    def step():
+        F.cross_entropy(model(images).float(), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    steps = 3
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    kinds, kernels = {}, {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            ms = event.device_time / 1e3 / steps  # per step; profiler times are us
+            kinds[_kernel_kind(event.name)] = kinds.get(_kernel_kind(event.name), 0.0) + ms
+            kernels[event.name] = kernels.get(event.name, 0.0) + ms
+    del model, opt
+    torch.cuda.empty_cache()
+    busy = sum(kinds.values())
+    return {"wall_ms": wall_ms, "kernel_ms": busy, "kinds": kinds,
+            "top": sorted(kernels.items(), key=lambda item: -item[1])[:8]}
+
+
+def section_p(t: Timer, quick: bool) -> list[dict]:
+    """Where a ViT-L step's GPU time goes (torch.profiler), dense vs the library's 2:4 MLPs, eager and
+    compiled per block: the profile behind each missed step target."""
+    runs = {(variant, compiled): _profile_step(variant, compiled)
+            for compiled in ((False,) if quick else (False, True)) for variant in (None, LIBRARY)}
+    rows = []
+    for (variant, compiled), run in runs.items():
+        label = f"{'2:4 library' if variant else 'dense'}, {'compiled per block' if compiled else 'eager'}"
+        rows.append({"name": f"profile {label}: wall per step", "mode": "profile", "ms": round(run["wall_ms"], 2)})
+        rows.append({"name": f"profile {label}: GPU kernels per step (sum)", "mode": "profile",
+                     "ms": round(run["kernel_ms"], 2)})
+        rows.append({"name": f"profile {label}: GPU idle (wall - kernels)", "mode": "profile",
+                     "ms": round(run["wall_ms"] - run["kernel_ms"], 2)})
+        for kind, ms in sorted(run["kinds"].items(), key=lambda item: -item[1]):
+            rows.append({"name": f"profile {label}: {kind}", "mode": "profile", "ms": round(ms, 3)})
+        for name, ms in run["top"]:
+            rows.append({"name": f"profile {label}: top kernel {name[:90]}", "mode": "profile", "ms": round(ms, 3)})
+    for row in rows:
+        print_row(row)
+    return rows
+
+
+SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e,
+            "f": section_f, "g": section_g, "h": section_h, "i": section_i, "p": section_p}
 TITLES = {
     "a": "GEMMs of a linear's training step (ViT MLP shapes, 12608 tokens, searched algorithm)",
     "b": "Prune + compress both ways, per weight",
     "c": "Host (CPU) time per call",
     "d": "ViT-L MLP block forward + backward (Linear-GELU-Linear, 12608 tokens, 1024->4096->1024)",
     "e": "Full ViT-L/16 training step (batch 64, bf16 params, AdamW)",
+    "f": "Squared-ReLU MLP forward + backward, fc2's input activations 2:4 (12608 tokens, 1024->4096->1024)",
+    "g": "ViT-L/16 inference, batch 64, 2:4 static compressed MLP weights",
+    "h": "Full ViT-L/16 training step compiled (batch 64, bf16 params, AdamW), vs the fastest dense mode",
+    "i": "The ViT-L step through train.py (summary.json) vs the bare loop",
+    "p": "Profile: GPU time per kernel kind in a ViT-L step (torch.profiler)",
 }
 
 
@@ -505,10 +845,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, out: pathlib.Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench-" + report["environment"]["date"][:16].replace(":", "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(markdown(report))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes; section e shrunk")
-    parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated sections (a..e)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({','.join(SECTIONS)})")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -519,7 +866,7 @@ def main() -> int:
     print(json.dumps(report["environment"]), flush=True)
     for key in [s.strip() for s in args.only.split(",") if s.strip()]:
         if key not in SECTIONS:
-            print(f"unknown section {key!r}; use a..e", file=sys.stderr)
+            print(f"unknown section {key!r}; use one of {','.join(SECTIONS)}", file=sys.stderr)
             continue
         print(f"[{key}] {TITLES[key]}", flush=True)
         t0 = time.time()
@@ -533,11 +880,7 @@ def main() -> int:
         report["sections"][key] = section
         print(f"[{key}] {'FAILED' if section['error'] else 'done'} in {section['seconds']} s", flush=True)
         torch.cuda.empty_cache()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-" + report["environment"]["date"][:16].replace(":", "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(markdown(report))
+        write_report(report, pathlib.Path(args.out))
     print(markdown(report))
     return 0
 

@@ -36,7 +36,6 @@ VARIANTS = {
     "dress_gradual_every_step": ("DRESS, ramp, scores pick the mask every step",
                                  (*SCORES, "prune_schedule=gradual", "prune_schedule.update_every=1")),
     "mag_finetune": ("magnitude, 700 dense steps, one-shot prune, fine-tune", (*MAGNITUDE, "prune_schedule=finetune")),
-    "dress_finetune": ("DRESS, 700 dense steps, one-shot prune, fine-tune", (*SCORES, "prune_schedule=finetune")),
     "dress_multi": ("DRESS multi-subnet: levels 80%, 50%, 0% share weights (3 forwards per step)",
                     ("sparsity=dress_multi", "sparsity.subnet_levels=[0.8,0.5,0.0]")),
 }

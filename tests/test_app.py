@@ -88,6 +88,8 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     (["data.batch_size=0"], "batch_size"),
     (["sparsity=block", "sparsity.sparsity=1.2"], r"\[0, 1\)"),
     (["sparsity=dress_multi", "prune_schedule=gradual"], "subnet_levels"),
+    (["sparsity=dress", "prune_schedule=finetune"], "never train"),
+    (["sparsity=dress_multi", "prune_schedule=iterative"], "never train"),
 ])
 def test_impossible_overrides_stop_before_training(overrides, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

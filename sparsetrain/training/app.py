@@ -58,9 +58,15 @@ def validate_config(cfg: DictConfig) -> None:
     level = cfg.sparsity.get("sparsity")
     if level is not None and not 0 <= level < 1:
         raise ConfigError(f"sparsity.sparsity={level} must be in [0, 1), e.g. sparsity.sparsity=0.9")
-    if cfg.sparsity.get("subnet_levels") and cfg.prune_schedule.kind in ("gradual", "iterative"):
+    kind = cfg.prune_schedule.kind
+    if cfg.sparsity.get("criterion") == "scores" and kind in ("one_shot", "iterative"):
+        # Scores train only at steps that update the mask, and these schedules update it once (per cycle).
+        raise ConfigError(f"DRESS scores (sparsity.criterion=scores) learn only at mask-update steps, which "
+                          f"prune_schedule={kind} makes one per prune, so the scores would never train; use "
+                          "prune_schedule=constant or gradual (with dense_warmup_steps for a dense start)")
+    if cfg.sparsity.get("subnet_levels") and kind == "gradual":
         raise ConfigError("multi-subnet DRESS (sparsity.subnet_levels) trains fixed levels and would override "
-                          f"the {cfg.prune_schedule.kind} ramp; use prune_schedule=constant, one_shot or finetune")
+                          "the gradual ramp; use prune_schedule=constant (with dense_warmup_steps for a dense start)")
     if cfg.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):

@@ -2,7 +2,8 @@
 
     python scripts/block_recipe_study.py --seeds 0 1 --jobs 8
 
-Trains the small Fashion-MNIST ViT at 80% block sparsity (16x16) for each variant and seed, validating
+Trains the small Fashion-MNIST ViT at 80% block sparsity (16x16; every linear but the first and last
+unless a variant says otherwise) for each variant and seed, validating
 on 10% of the training split held out (data.val_fraction=0.1), so the choice never looks at t10k, the
 split results/accuracy.md reports. Writes results/block-recipe-study.md.
 """
@@ -35,6 +36,10 @@ VARIANTS = {
                                (*MAGNITUDE, "prune_schedule=gradual", "prune_schedule.update_every=1")),
     "dress_gradual_every_step": ("DRESS, ramp, scores pick the mask every step",
                                  (*SCORES, "prune_schedule=gradual", "prune_schedule.update_every=1")),
+    "mag_gradual_mlp": ("magnitude, ramp, MLP linears only (attention dense)",
+                        (*MAGNITUDE, "prune_schedule=gradual", "sparsity.include=[blocks.*.mlp.*]")),
+    "dress_gradual_mlp": ("DRESS, ramp, MLP linears only (attention dense)",
+                          (*SCORES, "prune_schedule=gradual", "sparsity.include=[blocks.*.mlp.*]")),
     "mag_finetune": ("magnitude, 700 dense steps, one-shot prune, fine-tune", (*MAGNITUDE, "prune_schedule=finetune")),
     "dress_multi": ("DRESS multi-subnet: levels 80%, 50%, 0% share weights (3 forwards per step)",
                     ("sparsity=dress_multi", "sparsity.subnet_levels=[0.8,0.5,0.0]")),

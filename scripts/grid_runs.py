@@ -7,6 +7,7 @@ A run whose summary.json exists is not trained again, so a grid can be filled ov
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,8 @@ class Run:
                 "resume=auto", "trainer.enable_progress_bar=false"]
 
     def command(self) -> str:
-        return "python train.py " + " ".join(self.args).replace(f"{ROOT}/", "")
+        # Quoted for a shell: globs such as sparsity.include=[blocks.*.mlp.*] must reach Hydra as typed.
+        return "python train.py " + " ".join(shlex.quote(a) for a in self.args).replace(f"{ROOT}/", "")
 
     def summary(self) -> dict | None:
         path = self.dir / "summary.json"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every GPU-marked test, one pytest process per file (a CUDA error in one file cannot poison the
+# others), on the device. Prints a summary line per file; the logs come back as $OUT/gpu-tests.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/sparsetrain-out}; logs=/tmp/gpu-test-logs; mkdir -p "$OUT" "$logs"
+export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
+python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$logs/env.txt"
+for f in $(grep -l "mark.gpu\|pytestmark" tests/test_*.py); do
+  name=$(basename "$f" .py)
+  timeout "${GPU_TEST_FILE_SECONDS:-240}" python3 -m pytest -q -ra -m gpu -p no:cacheprovider "$f" > "$logs/$name.log" 2>&1
+  echo "$f (rc $?): $(tail -1 "$logs/$name.log")"
+done | tee "$logs/summary.txt"
+cp "$logs/summary.txt" "$OUT/gpu-tests-summary.txt"
+tar -czf "$OUT/gpu-tests.tgz" -C /tmp gpu-test-logs

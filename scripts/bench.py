@@ -1,11 +1,13 @@
-"""Dense vs 2:4 on the GPU at hand: GEMMs, prune+compress, host cost, the ViT-L MLP block, a ViT-L step.
+"""Dense vs 2:4 on the GPU at hand: GEMMs, prune+compress, host cost, the ViT-L MLP block, a ViT-L step,
+activation 2:4, ViT-L inference, compiled steps, train.py vs a bare loop, and kernel-time profiles.
 
     python scripts/bench.py [--quick] [--only a,b,c,d,e,f,g,h,i,p] [--out benchmarks]
 
 Every row times dense and sparse in the same run, on the same shapes, in the same mode, as medians
 after warm-up on random data. "graph" is the GPU time of calls captured in one CUDA graph and
 replayed (host overhead removed); "eager" is wall time per call of back-to-back launches (what a
-plain PyTorch loop sees, host overhead included). A speedup under 1 is printed as SLOWER.
+plain PyTorch loop sees, host overhead included); "compile" rows use torch.compile per transformer
+block (regional: the identical blocks compile once). A speedup under 1 is printed as SLOWER.
 Sections are independent: one that fails prints its error and the others still run.
 Writes benchmarks/bench-<date>.json and a .md copy with the GPU and software versions, after every
 section (a run stopped midway keeps what it measured).
@@ -335,7 +337,7 @@ def section_c(t: Timer, quick: bool) -> list[dict]:
         _, prepared = backend.prepare_weight(w, mask)
         calls[f"library CuSparseLtBackend.linear with bias ({'plan cache' if plans else 'torch op'})"] = \
             lambda backend=backend, prepared=prepared: backend.linear(x, prepared, bias)
-    calls.update(_linear_fwd_bwd_calls(x, d, h))
+    calls.update(_linear_fwd_bwd_calls(d, h))
     rows = []
     for label, kwargs in (("", {}), (", with bias", {"bias": bias})):
         try:  # sanity (not a test): the plan cache computes the same bits as torch's call
@@ -354,21 +356,22 @@ def section_c(t: Timer, quick: bool) -> list[dict]:
     return rows
 
 
-def _linear_fwd_bwd_calls(x, d: int, h: int) -> dict:
+def _linear_fwd_bwd_calls(d: int, h: int, tokens: int = 256) -> dict:
     """Forward + backward of one training-mode linear at (d -> h): dense nn.Linear, and the library's
-    SparseLinear as resolved (mask re-pruned in the forward), eager and compiled."""
+    SparseLinear as resolved (mask re-pruned in the forward), eager and compiled. Few tokens, so the
+    GPU finishes each call before the next is issued and the time measured is the host's."""
     dense = nn.Linear(d, h).to("cuda", DT)
     sparse = SPARSE_VARIANTS[LIBRARY](nn.Linear(d, h).to("cuda", DT))
     compiled = SPARSE_VARIANTS[LIBRARY](nn.Linear(d, h).to("cuda", DT))
     compiled.compile()
-    x = x.detach().requires_grad_()
-    gy = torch.randn(x.shape[0], h, device="cuda", dtype=DT)
+    x = torch.randn(tokens, d, device="cuda", dtype=DT, requires_grad=True)
+    gy = torch.randn(tokens, h, device="cuda", dtype=DT)
 
     def fwd_bwd(layer):
         return lambda: layer(x).backward(gy)
-    return {"dense nn.Linear forward + backward": fwd_bwd(dense),
-            "library SparseLinear forward + backward (re-prune, plan cache), eager": fwd_bwd(sparse),
-            "library SparseLinear forward + backward, torch.compile (mode default)": fwd_bwd(compiled)}
+    return {f"dense nn.Linear forward + backward ({tokens} tokens)": fwd_bwd(dense),
+            f"library SparseLinear forward + backward (re-prune, plan cache), eager ({tokens} tokens)": fwd_bwd(sparse),
+            f"library SparseLinear forward + backward, torch.compile mode default ({tokens} tokens)": fwd_bwd(compiled)}
 
 
 def _mlp(variant: str | None, d: int, h: int) -> nn.Module:
@@ -431,7 +434,10 @@ def section_d(t: Timer, quick: bool) -> list[dict]:
     return rows
 
 
-def _vit_step_ms(t: Timer, variant: str | None, graph: bool, compiled: bool = False) -> float:
+def _vit_step_ms(t: Timer, variant: str | None, graph: bool, compile_mode: str | None = None) -> float:
+    """ms per ViT-L training step. compile_mode: None (eager), "default" or "reduce-overhead"
+    (torch.compile per block; reduce-overhead replays each block's forward and backward as CUDA
+    graphs, the optimizer runs outside them)."""
     import timm
     torch.manual_seed(0)
     with torch.device("cuda"):  # initialising 300M parameters on the CPU takes longer than the timing
@@ -440,13 +446,15 @@ def _vit_step_ms(t: Timer, variant: str | None, graph: bool, compiled: bool = Fa
         for block in model.blocks:
             block.mlp.fc1 = SPARSE_VARIANTS[variant](block.mlp.fc1)
             block.mlp.fc2 = SPARSE_VARIANTS[variant](block.mlp.fc2)
-    if compiled:
-        _compile_blocks(model)
+    if compile_mode is not None:
+        _compile_blocks(model, compile_mode)
     images = torch.randn(64, 3, 224, 224, device="cuda", dtype=DT)
     labels = torch.randint(0, 1000, (64,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True, capturable=graph)
 
     def step():
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
         F.cross_entropy(model(images).float(), labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=not graph)
@@ -481,11 +489,11 @@ def section_e(t: Timer, quick: bool) -> list[dict]:
 
 
 # ------------------------------------------------------------- compiled and inference paths (f-i)
-def _compile_blocks(model: nn.Module) -> None:
-    """torch.compile (mode default) per transformer block, in place: regional compilation, so the 24
-    identical ViT-L blocks compile once; the patch embedding, final norm and head stay eager."""
+def _compile_blocks(model: nn.Module, mode: str = "default") -> None:
+    """torch.compile per transformer block, in place: regional compilation, so the 24 identical ViT-L
+    blocks compile once; the patch embedding, final norm and head stay eager."""
     for block in model.blocks:
-        block.compile()
+        block.compile(mode=None if mode == "default" else mode)
 
 
 def _squared_relu_mlp(d: int, h: int, act24: bool | None) -> nn.Module:
@@ -516,20 +524,21 @@ def section_f(t: Timer, quick: bool) -> list[dict]:
         torch.manual_seed(0)
         reference = _squared_relu_mlp(d, h, transposable)  # same weights, same math as masked dense
         reference[2].use_backend(EmulatedBackend(), "cuda", DT, "bench reference")
-        grads = []
+        results = []  # (y, dX, fc2's dW) of the cuSPARSELt MLP, then of the reference
         for model in (mlp, reference):
-            x.grad = None
-            model(x).backward(gout)
-            grads.append(x.grad.clone())
-        err = round(rel_err(*grads), 5)
-        del reference
+            x.grad = model[2].weight.grad = None
+            y = model(x)
+            y.backward(gout)
+            results.append((y.detach(), x.grad.clone(), model[2].weight.grad.clone()))
+        errors = {f"{what}_rel_err_vs_emulated": round(rel_err(got, ref), 5)
+                  for what, got, ref in zip(("y", "dx", "dw_fc2"), *results)}
+        del reference, results
         step = lambda: mlp(x).backward(gout)  # noqa: E731
         for mode in ("graph", "eager"):
             timed = t.graph_ms if mode == "graph" else t.eager_ms
             rows.append(pair_row(f"vit_l Squared-ReLU MLP fwd+bwd {TOKENS} tok, fc2 input 2:4 "
                                  f"({'transposable: dW sparse too' if transposable else 'row-wise'}) (vs dense)",
-                                 mode, timings[mode], timed(step), dx_rel_err_vs_emulated=err,
-                                 backend=mlp[2].backend_reason))
+                                 mode, timings[mode], timed(step), **errors, backend=mlp[2].backend_reason))
             print_row(rows[-1])
         del mlp
     return rows
@@ -599,30 +608,32 @@ def section_g(t: Timer, quick: bool) -> list[dict]:
     return rows
 
 
+# Section h's modes: (label, compile mode, captured whole in our own CUDA graph). --step-modes picks.
+STEP_MODES = {"compile": ("default", False), "compile+graph": ("default", True),
+              "reduce-overhead": ("reduce-overhead", False)}
+
+
 def section_h(t: Timer, quick: bool) -> list[dict]:
-    """Full ViT-L/16 training step compiled (per block), dense vs the library's 2:4 MLPs, and each vs the
-    fastest dense mode measured here."""
+    """Full ViT-L/16 training step compiled per block, dense vs the library's 2:4 MLPs, in each mode,
+    and the fastest 2:4 mode vs the fastest dense mode measured here."""
     rows, results = [], {}
-    for variant in (None, LIBRARY):
-        for graph in (True, False):
+    for label, (compile_mode, graph) in STEP_MODES.items():
+        for variant in (None, LIBRARY):
             try:
-                results[variant, graph] = _vit_step_ms(t, variant, graph, compiled=True)
+                results[variant, label] = _vit_step_ms(t, variant, graph, compile_mode)
             except Exception as e:
-                rows.append({"name": f"vit_l step compiled {variant or 'dense'} graph={graph}",
-                             "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"name": f"vit_l step {variant or 'dense'} {label}", "error": f"{type(e).__name__}: {e}"[:300]})
                 print_row(rows[-1])
-    for graph in (True, False):
-        if (None, graph) in results and (LIBRARY, graph) in results:
-            mode = "compile+graph" if graph else "compile"
+        if (None, label) in results and (LIBRARY, label) in results:
             rows.append(pair_row(f"vit_large_patch16_224 step bs64, torch.compile per block, {LIBRARY} (vs dense)",
-                                 mode, results[None, graph], results[LIBRARY, graph]))
+                                 label, results[None, label], results[LIBRARY, label]))
             print_row(rows[-1])
-    dense_modes = {f"dense {'compile+graph' if g else 'compile'}": ms for (v, g), ms in results.items() if v is None}
-    if dense_modes and any(v == LIBRARY for v, _ in results):
-        fastest_name, fastest = min(dense_modes.items(), key=lambda item: item[1])
-        sparse = min(ms for (v, _), ms in results.items() if v == LIBRARY)
-        rows.append(pair_row(f"vit_large_patch16_224 step bs64, fastest 2:4 vs fastest dense ({fastest_name})",
-                             "best", fastest, sparse))
+    dense = {label: ms for (variant, label), ms in results.items() if variant is None}
+    sparse = {label: ms for (variant, label), ms in results.items() if variant == LIBRARY}
+    if dense and sparse:
+        dense_label, sparse_label = min(dense, key=dense.get), min(sparse, key=sparse.get)
+        rows.append(pair_row(f"vit_large_patch16_224 step bs64, fastest 2:4 ({sparse_label}) vs fastest dense "
+                             f"({dense_label})", "best", dense[dense_label], sparse[sparse_label]))
         print_row(rows[-1])
     return rows
 
@@ -686,13 +697,14 @@ def _train_py_images_per_s(sparsity: str, compile_mode: str | None, root: pathli
 
 
 def section_i(t: Timer, quick: bool) -> list[dict]:
-    """The ViT-L step through `train.py` (images/s from summary.json) vs the bare loop, same mode and batch."""
+    """The ViT-L step through `train.py` (images/s from summary.json) vs the bare loop, same mode and batch
+    (--quick: the 2:4 recipe, eager only)."""
     import tempfile
     rows = []
     modes = [None] if quick else [None, "default"]
     with tempfile.TemporaryDirectory() as root:
         for compile_mode in modes:
-            for sparsity in ("semi24", "dense"):
+            for sparsity in ("semi24",) if quick else ("semi24", "dense"):
                 try:
                     through = _train_py_images_per_s(sparsity, compile_mode, pathlib.Path(root))
                     bare = _bare_loop_images_per_s(sparsity, compile_mode)
@@ -711,6 +723,7 @@ def section_i(t: Timer, quick: bool) -> list[dict]:
 # Kernel name fragments -> what the step spends that time on (first match wins, lower-case names).
 KERNEL_KINDS = [
     ("prune+compress kernel", ("prune_compress",)),
+    ("cuSPARSELt compress (torch._cslt_compress)", ("compresssparse",)),
     ("cuSPARSELt 2:4 GEMMs", ("sparse", "spmma", "sp_gemm")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("dense GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "sm90_")),
@@ -726,10 +739,30 @@ def _kernel_kind(name: str) -> str:
                 "other elementwise/reductions (eager)")
 
 
-def _profile_step(variant: str | None, compiled: bool) -> dict:
-    """GPU kernel time per kind over 3 eager ViT-L steps (torch.profiler), plus the idle gaps."""
-    import timm
+def _kernel_profile(step, steps: int = 3) -> dict:
+    """GPU kernel time per kind of `step()` (torch.profiler, after 3 warm-up calls), and the idle gaps."""
     from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    kinds, kernels = {}, {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            ms = event.device_time / 1e3 / steps  # the profiler's times are us
+            kinds[_kernel_kind(event.name)] = kinds.get(_kernel_kind(event.name), 0.0) + ms
+            kernels[event.name] = kernels.get(event.name, 0.0) + ms
+    return {"wall_ms": wall_ms, "kernel_ms": sum(kinds.values()), "kinds": kinds,
+            "top": sorted(kernels.items(), key=lambda item: -item[1])[:6]}
+
+
+def _vit_step_profile(variant: str | None, compiled: bool) -> dict:
+    import timm
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = timm.create_model("vit_large_patch16_224", num_classes=1000).to(DT)
@@ -747,48 +780,48 @@ def _profile_step(variant: str | None, compiled: bool) -> dict:
         F.cross_entropy(model(images).float(), labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    steps = 3
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - start) * 1e3 / steps
-    kinds, kernels = {}, {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            ms = event.device_time / 1e3 / steps  # per step; profiler times are us
-            kinds[_kernel_kind(event.name)] = kinds.get(_kernel_kind(event.name), 0.0) + ms
-            kernels[event.name] = kernels.get(event.name, 0.0) + ms
-    del model, opt
-    torch.cuda.empty_cache()
-    busy = sum(kinds.values())
-    return {"wall_ms": wall_ms, "kernel_ms": busy, "kinds": kinds,
-            "top": sorted(kernels.items(), key=lambda item: -item[1])[:8]}
+    try:
+        return _kernel_profile(step)
+    finally:
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def _act24_mlp_profile(act24: bool | None) -> dict:
+    d, h = MLP_SHAPES["vit_l"]
+    torch.manual_seed(0)
+    mlp = _squared_relu_mlp(d, h, act24)
+    x = torch.randn(TOKENS, d, device="cuda", dtype=DT, requires_grad=True)
+    gout = torch.randn(TOKENS, d, device="cuda", dtype=DT)
+    return _kernel_profile(lambda: mlp(x).backward(gout), steps=10)
 
 
 def section_p(t: Timer, quick: bool) -> list[dict]:
-    """Where a ViT-L step's GPU time goes (torch.profiler), dense vs the library's 2:4 MLPs, eager and
-    compiled per block: the profile behind each missed step target."""
-    runs = {(variant, compiled): _profile_step(variant, compiled)
-            for compiled in ((False,) if quick else (False, True)) for variant in (None, LIBRARY)}
+    """Where the GPU time goes (torch.profiler, kernel time per kind): a ViT-L step dense vs the
+    library's 2:4 MLPs, eager and compiled per block, and the Squared-ReLU MLP dense vs 2:4
+    activations. The profiles behind the missed targets."""
+    runs = {"Squared-ReLU MLP fwd+bwd, dense": lambda: _act24_mlp_profile(None),
+            "Squared-ReLU MLP fwd+bwd, fc2 input 2:4 row-wise": lambda: _act24_mlp_profile(False),
+            "ViT-L step, dense, eager": lambda: _vit_step_profile(None, False),
+            "ViT-L step, 2:4 library, eager": lambda: _vit_step_profile(LIBRARY, False)}
+    if not quick:
+        runs["ViT-L step, dense, compiled per block"] = lambda: _vit_step_profile(None, True)
+        runs["ViT-L step, 2:4 library, compiled per block"] = lambda: _vit_step_profile(LIBRARY, True)
     rows = []
-    for (variant, compiled), run in runs.items():
-        label = f"{'2:4 library' if variant else 'dense'}, {'compiled per block' if compiled else 'eager'}"
-        rows.append({"name": f"profile {label}: wall per step", "mode": "profile", "ms": round(run["wall_ms"], 2)})
-        rows.append({"name": f"profile {label}: GPU kernels per step (sum)", "mode": "profile",
-                     "ms": round(run["kernel_ms"], 2)})
-        rows.append({"name": f"profile {label}: GPU idle (wall - kernels)", "mode": "profile",
-                     "ms": round(run["wall_ms"] - run["kernel_ms"], 2)})
-        for kind, ms in sorted(run["kinds"].items(), key=lambda item: -item[1]):
-            rows.append({"name": f"profile {label}: {kind}", "mode": "profile", "ms": round(ms, 3)})
-        for name, ms in run["top"]:
-            rows.append({"name": f"profile {label}: top kernel {name[:90]}", "mode": "profile", "ms": round(ms, 3)})
-    for row in rows:
-        print_row(row)
+    for label, run_profile in runs.items():
+        try:
+            run = run_profile()
+        except Exception as e:
+            rows.append({"name": f"profile {label}", "error": f"{type(e).__name__}: {e}"[:300]})
+            print_row(rows[-1])
+            continue
+        found = [("wall per step", run["wall_ms"]), ("GPU kernels per step (sum)", run["kernel_ms"]),
+                 ("GPU idle (wall - kernels)", run["wall_ms"] - run["kernel_ms"])]
+        found += sorted(run["kinds"].items(), key=lambda item: -item[1])
+        found += [(f"top kernel {name[:90]}", ms) for name, ms in run["top"]]
+        for what, ms in found:
+            rows.append({"name": f"profile {label}: {what}", "mode": "profile", "ms": round(ms, 3)})
+            print_row(rows[-1])
     return rows
 
 
@@ -856,12 +889,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes; section e shrunk")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({','.join(SECTIONS)})")
+    parser.add_argument("--step-modes", default=",".join(STEP_MODES),
+                        help=f"section h's compiled modes ({','.join(STEP_MODES)})")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU", file=sys.stderr)
         return 2
     timer = Timer(args.quick)
+    for mode in set(STEP_MODES) - set(args.step_modes.split(",")):
+        del STEP_MODES[mode]
     report = {"environment": environment(), "argv": sys.argv[1:], "sections": {}}
     print(json.dumps(report["environment"]), flush=True)
     for key in [s.strip() for s in args.only.split(",") if s.strip()]:

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from sparsetrain.sparse.block import block_mask_from_scores, expand_block_mask
+from sparsetrain.sparse.block_linear import fuse_mlp_gelu_
 from sparsetrain.sparse.sparsify import layer_table, sparse_modules
 from sparsetrain.training.models import COMPILE_WRAPPER_PREFIX, LIGHTNING_MODEL_PREFIX, create_model
 
@@ -281,10 +282,11 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
 
     Weights are rebuilt dense (pruned entries zero) from whatever layout was exported. Then:
     sparse_layers=None (default): activation-2:4 layers are swapped back in everywhere (their pruning is
-        part of the function), and 2:4 weight layers on CUDA: `sparsify_` with the run's config, whose
-        `auto` backend runs cuSPARSELt where dtype (fp16/bf16: call .half() / .bfloat16() after loading)
-        and shape allow and masked dense elsewhere; the masks come from the export and stay frozen. On
-        the CPU every weight-sparse layer is a plain layer holding masked dense weights.
+        part of the function), and 2:4 and block layers on CUDA: `sparsify_` with the run's config, whose
+        `auto` backend runs cuSPARSELt (2:4) or the block-sparse Triton kernels where dtype (fp16/bf16:
+        call .half() / .bfloat16() after loading) and shape allow and masked dense elsewhere; the masks
+        come from the export and stay frozen, and each block MLP's GELU moves into its fc1 kernel
+        (`fuse_mlp_gelu_`). On the CPU every weight-sparse layer is a plain layer holding masked dense weights.
     sparse_layers=True: swap the run's sparse layers in on any device (masked dense on the CPU).
     sparse_layers=False: plain layers only (an act24 model then loses its activation pruning).
     """
@@ -299,7 +301,7 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict(weights)
     model.to(device)
     if sparse_layers is None:
-        weight_sparse_runtime = torch.device(device).type == "cuda" and metadata["pattern"] == "semi24"
+        weight_sparse_runtime = torch.device(device).type == "cuda" and metadata["pattern"] in ("semi24", "block")
         sparse_layers = weight_sparse_runtime or metadata["pattern"] == "act24"
     if sparse_layers and metadata["pattern"] != "dense":
         attach_sparse_layers(model, metadata, masks)
@@ -318,7 +320,8 @@ def dense_weights(tensors: dict[str, Tensor], layers: list[dict]) -> tuple[dict[
         elif layer["storage"] == "bsr":
             parts = [weights.pop(f"{name}.weight.{part}") for part in ("crow_indices", "col_indices", "values")]
             weight = decompress_bsr(*parts, gemm_shape)
-            masks[name] = weight != 0
+            # From the kept blocks, not the nonzeros: a kept block may hold exact zeros.
+            masks[name] = decompress_bsr(*parts[:2], torch.ones_like(parts[2]), gemm_shape).bool()
         else:
             continue
         weights[f"{name}.weight"] = weight.view(shape)
@@ -339,6 +342,8 @@ def attach_sparse_layers(model: nn.Module, metadata: dict, masks: dict[str, Tens
                 layer.mask.copy_(mask if mask is not None else layer.weight.flatten(1) != 0)
                 layer.set_mask_frozen(True)
             layer.set_active(active[name])
+    if metadata["pattern"] == "block":
+        fuse_mlp_gelu_(model)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -401,7 +401,7 @@ def test_bias_goes_into_the_gemm_in_the_output_dtype(fake_plans, fake_kernels, p
 
 def test_plan_path_keeps_one_bias_address(fake_plans, fake_kernels):
     """A cached plan holds the bias address: fresh bias tensors (a cast each step) must not leak
-    into it, so they go through one buffer of the layer's."""
+    into it, so they go through one buffer kept per bias shape."""
     backend = CuSparseLtBackend(True, "kernel", plans=True)
     x, w, _, _ = operands((20,))
     _, prepared = backend.prepare_weight(w)
@@ -478,7 +478,7 @@ def test_broken_searched_algorithm_falls_back_to_0(fake_cusparselt):
 class TestPlanCacheChoice:
     @staticmethod
     def gemm_runner(backend):
-        return backend._matmul()
+        return backends._pick_matmul(backend.plans)
 
     def test_environment_forces_either(self, fake_cusparselt, monkeypatch):
         monkeypatch.setattr(backends, "_plan_cache_error", lambda: None)

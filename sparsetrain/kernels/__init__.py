@@ -4,6 +4,8 @@ in `sparsetrain.sparse` that it matches bit for bit (see tests/test_kernels.py).
 Import is cheap and never fails: where Triton is missing, `available()` says so and the kernel
 functions raise a RuntimeError that names the fallback.
 
+`sparsetrain.kernels.bsr_matmul` (imported on demand) holds the block-sparse matmuls of block layers,
+tuned per shape by `bsr_autotune`.
 `sparsetrain.kernels.cslt_plans.sparse_mm` (imported on demand) is torch._cslt_sparse_mm with the
 cuSPARSELt plan built once per shape: ~58 us of host time per call instead of ~600-900 us.
 Measurements: docs/perf-notes.md.

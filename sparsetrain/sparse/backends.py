@@ -13,6 +13,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from sparsetrain.sparse.layout_sm90 import compress_sm90
 from sparsetrain.sparse.masks import mask_24_transposable
+from sparsetrain.sparse.ops import opaque_op
 
 logger = logging.getLogger("sparsetrain")
 
@@ -236,15 +238,11 @@ class CuSparseLtBackend(Backend):
         self.sparse_input_grad = sparse_input_grad
         self.compress_route = compress
         self.plans = _plans_requested(plans)
-        self._mm: MatMul | None = None  # picked at the first GEMM (building the plan cache needs CUDA)
-        self._bias_buffer: Tensor | None = None
 
     # -- the weight's operands --
 
     def _compress(self, matrix: Tensor) -> Tensor:
-        if self.compress_route == "direct":
-            return compress_sm90(matrix)
-        return torch._cslt_compress(matrix)
+        return cslt_compress(matrix, self.compress_route)
 
     def prepare_weight(self, weight, mask=None, need_input_grad=True):
         if self.compress_route == "kernel":
@@ -265,88 +263,165 @@ class CuSparseLtBackend(Backend):
                              need_input_grad: bool) -> tuple[Tensor, PreparedWeight]:
         """One launch instead of the mask's torch ops and two `_cslt_compress` (24 us vs 210 us per
         4096x1024 weight on the H100); same mask and same bytes."""
-        from sparsetrain.kernels import compress_masked, prune_compress_transposable
         if mask is None:
-            compressed, compressed_t, mask = prune_compress_transposable(weight, want_mask=True)
+            compressed, compressed_t, mask = fused_prune_compress(weight)
+        elif need_input_grad:
+            compressed, compressed_t = fused_compress_masked_both(weight, mask)
         else:
-            compressed, compressed_t = compress_masked(weight, mask, transposed=need_input_grad)
+            compressed = fused_compress_masked(weight, mask)
         return mask, PreparedWeight(compressed, compressed_t if need_input_grad else None, weight, mask)
 
-    # -- GEMMs --
-
-    def _matmul(self) -> MatMul:
-        if self._mm is None:
-            self._mm = self._pick_matmul()
-        return self._mm
-
-    def _pick_matmul(self) -> MatMul:
-        if self.plans is False:
-            return _torch_mm
-        error = _plan_cache_error()
-        if error is None:
-            return _plans_mm
-        if self.plans:
-            raise RuntimeError(f"the cuSPARSELt plan cache was asked for (plans=True or {PLANS_ENV}=1) but cannot "
-                               f"run here: {error}. Fix the build (C++ compiler, nvidia-cusparselt wheel headers) "
-                               f"or set {PLANS_ENV}=0")
-        return _torch_mm
-
-    def _epilogue_bias(self, bias: Tensor | None, mm: MatMul) -> Tensor | None:
-        """The bias as the GEMM's epilogue reads it. A cached plan holds the bias address, so on the
-        plan path it goes through a buffer this layer keeps (a cast bias is a new tensor each step)."""
-        if bias is None or mm is not _plans_mm:
-            return bias
-        buffer = self._bias_buffer
-        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (bias.shape, bias.dtype, bias.device):
-            buffer = self._bias_buffer = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
-        return buffer.copy_(bias)
+    # -- GEMMs (each one custom op, so torch.compile traces around it: see sparse/ops.py) --
 
     def linear(self, x2d, prepared, bias):
-        rows = x2d.shape[0]
-        x_padded = _pad_rows(x2d, _DENSE_ROW_MULTIPLE)
-        mm = self._matmul()
-        y = _sparse_mm(prepared.forward, x_padded.t(), True, mm, bias=self._epilogue_bias(bias, mm),
-                       reference=lambda: x_padded @ prepared.masked().t())[:rows]
-        if self.sparse_input_grad and prepared.input_grad is not None:
-            self._prepare_input_grad(prepared, x_padded.shape[0], mm)
-        return y
-
-    @staticmethod
-    def _prepare_input_grad(prepared: PreparedWeight, padded_rows: int, mm: MatMul) -> None:
-        """Search and verify the input-grad algorithm now, while W_s is at hand for the reference.
-
-        The operand is random: the algorithm depends on shapes and layout, not on values. It is
-        laid out as `input_grad` lays out dY (the transpose of a contiguous (rows, out) matrix), so
-        both find the same cache entry; once the shape is known nothing is allocated.
-        """
-        compressed_t, out_features = prepared.input_grad, prepared.weight.shape[0]
-        if _algorithm_key(compressed_t, (out_features, padded_rows), False, True) in _ALGORITHMS:
-            return
-        probe_t = compressed_t.new_empty(padded_rows, out_features).normal_().t()
-        _sparse_mm(compressed_t, probe_t, True, mm, reference=lambda: probe_t.t() @ prepared.masked())
+        compressed_t = prepared.input_grad if self.sparse_input_grad else None
+        return cslt_linear(x2d, prepared.forward, prepared.weight, prepared.mask, bias, compressed_t, self.plans)
 
     def input_grad(self, gy2d, operand):
         if not self.sparse_input_grad:
             return gy2d @ operand
-        rows = gy2d.shape[0]
-        gy_padded = _pad_rows(gy2d, _DENSE_ROW_MULTIPLE)
-        return _sparse_mm(operand, gy_padded.t(), True, self._matmul(), reference=None)[:rows]
+        return cslt_input_grad(gy2d, operand, self.plans)
 
     def sparse_input_linear(self, x_sparse2d, weight):
-        rows = x_sparse2d.shape[0]
-        x_padded = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE)
-        weight_t = weight.contiguous().t()
-        return _sparse_mm(self._compress(x_padded), weight_t, False, _torch_mm,
-                          reference=lambda: x_padded @ weight_t)[:rows]
+        return cslt_sparse_input_linear(x_sparse2d, weight, self.compress_route)
 
     def sparse_input_weight_grad(self, gy2d, x_sparse2d, transposable):
         if not transposable:
             return gy2d.t() @ x_sparse2d
-        # dW^T = X_s^T @ dY with X_s^T (in, tokens) as the sparse operand; transpose_result gives dW.
-        x_t = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE).t().contiguous()
-        gy_padded = _pad_rows(gy2d, _SPARSE_ROW_MULTIPLE)
-        return _sparse_mm(self._compress(x_t), gy_padded, True, _torch_mm,
-                          reference=lambda: gy_padded.t() @ x_t.t())
+        return cslt_sparse_input_weight_grad(gy2d, x_sparse2d, self.compress_route)
+
+
+# ---- the cuSPARSELt calls of CuSparseLtBackend, each registered as a custom op (sparse/ops.py) ----
+
+def _pick_matmul(plans: bool | None) -> MatMul:
+    """The plan cache or torch's op, for a backend's `plans` choice (see CuSparseLtBackend)."""
+    if plans is False:
+        return _torch_mm
+    error = _plan_cache_error()
+    if error is None:
+        return _plans_mm
+    if plans:
+        raise RuntimeError(f"the cuSPARSELt plan cache was asked for (plans=True or {PLANS_ENV}=1) but cannot "
+                           f"run here: {error}. Fix the build (C++ compiler, nvidia-cusparselt wheel headers) "
+                           f"or set {PLANS_ENV}=0")
+    return _torch_mm
+
+
+# A cached plan holds the bias address, so on the plan path the bias goes through a buffer kept per
+# (shape, dtype, device): under autocast the cast bias is a new tensor every step. Layers of one shape
+# share it safely, since each copies its bias in right before its own GEMM on the same stream.
+_BIAS_BUFFERS: dict[tuple, Tensor] = {}
+
+
+def _epilogue_bias(bias: Tensor | None, mm: MatMul) -> Tensor | None:
+    """The bias as the GEMM's epilogue reads it."""
+    if bias is None or mm is not _plans_mm:
+        return bias
+    key = (tuple(bias.shape), bias.dtype, bias.device)
+    buffer = _BIAS_BUFFERS.get(key)
+    if buffer is None:
+        buffer = _BIAS_BUFFERS[key] = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+    return buffer.copy_(bias)
+
+
+def _compress_with(matrix: Tensor, route: str) -> Tensor:
+    """cuSPARSELt's compressed form of a 2:4 matrix, by torch's op or by `compress_sm90` ("direct")."""
+    if route == "direct":
+        return compress_sm90(matrix)
+    return torch._cslt_compress(matrix).view(matrix.shape[0], -1)
+
+
+def _compressed_like(matrix: Tensor) -> Tensor:
+    m, k = matrix.shape
+    return matrix.new_empty(m, k // 2 + k // 16)  # values, then 4 bits of metadata per group of 4
+
+
+def _prepare_input_grad(compressed_t: Tensor, masked: Callable[[], Tensor], padded_rows: int, mm: MatMul) -> None:
+    """Search and verify the input-grad algorithm now, while W_s is at hand for the reference.
+
+    The operand is random: the algorithm depends on shapes and layout, not on values. It is
+    laid out as `cslt_input_grad` lays out dY (the transpose of a contiguous (rows, out) matrix), so
+    both find the same cache entry; once the shape is known nothing is allocated.
+    """
+    out_features = compressed_t.shape[1] * 16 // 9
+    if _algorithm_key(compressed_t, (out_features, padded_rows), False, True) in _ALGORITHMS:
+        return
+    probe_t = compressed_t.new_empty(padded_rows, out_features).normal_().t()
+    _sparse_mm(compressed_t, probe_t, True, mm, reference=lambda: probe_t.t() @ masked())
+
+
+@opaque_op("cslt_prune_compress", lambda w: (_compressed_like(w), _compressed_like(w.t()),
+                                             torch.empty_like(w, dtype=torch.bool)))
+def fused_prune_compress(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused kernel's prune mode: W_s and W_s^T compressed, and the mask of |w|."""
+    from sparsetrain.kernels import prune_compress_transposable
+    return prune_compress_transposable(w, want_mask=True)
+
+
+@opaque_op("cslt_compress_masked", lambda w, mask: _compressed_like(w))
+def fused_compress_masked(w: Tensor, mask: Tensor) -> Tensor:
+    """The fused kernel's given-mask mode, W_s only."""
+    from sparsetrain.kernels import compress_masked
+    return compress_masked(w, mask, transposed=False)[0]
+
+
+@opaque_op("cslt_compress_masked_both", lambda w, mask: (_compressed_like(w), _compressed_like(w.t())))
+def fused_compress_masked_both(w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The fused kernel's given-mask mode, W_s and W_s^T."""
+    from sparsetrain.kernels import compress_masked
+    return compress_masked(w, mask, transposed=True)
+
+
+@opaque_op("cslt_compress", lambda matrix, route: _compressed_like(matrix))
+def cslt_compress(matrix: Tensor, route: str) -> Tensor:
+    """`_compress_with` as an op (torch._cslt_compress has no fake implementation to trace)."""
+    return _compress_with(matrix, route)
+
+
+@opaque_op("cslt_linear", lambda x2d, compressed, *_: x2d.new_empty(x2d.shape[0], compressed.shape[0]))
+def cslt_linear(x2d: Tensor, compressed: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor],
+                compressed_t: Optional[Tensor], plans: Optional[bool]) -> Tensor:
+    """Y = X W_s^T + b, the bias in the GEMM's epilogue; `weight` and `mask` give the reference that a
+    newly searched algorithm is checked against. With `compressed_t`, dX's algorithm is searched too."""
+    rows = x2d.shape[0]
+    x_padded = _pad_rows(x2d, _DENSE_ROW_MULTIPLE)
+    mm = _pick_matmul(plans)
+    masked = lambda: weight.masked_fill(~mask, 0)  # noqa: E731 - made only for a search
+    y = _sparse_mm(compressed, x_padded.t(), True, mm, bias=_epilogue_bias(bias, mm),
+                   reference=lambda: x_padded @ masked().t())[:rows]
+    if compressed_t is not None:
+        _prepare_input_grad(compressed_t, masked, x_padded.shape[0], mm)
+    return y
+
+
+@opaque_op("cslt_input_grad", lambda gy2d, compressed_t, plans: gy2d.new_empty(gy2d.shape[0], compressed_t.shape[0]))
+def cslt_input_grad(gy2d: Tensor, compressed_t: Tensor, plans: Optional[bool]) -> Tensor:
+    """dX = dY W_s with W_s^T compressed (its algorithm was searched by `cslt_linear`)."""
+    rows = gy2d.shape[0]
+    gy_padded = _pad_rows(gy2d, _DENSE_ROW_MULTIPLE)
+    return _sparse_mm(compressed_t, gy_padded.t(), True, _pick_matmul(plans), reference=None)[:rows]
+
+
+@opaque_op("cslt_sparse_input_linear", lambda x_sparse2d, weight, route: x_sparse2d.new_empty(x_sparse2d.shape[0],
+                                                                                              weight.shape[0]))
+def cslt_sparse_input_linear(x_sparse2d: Tensor, weight: Tensor, route: str) -> Tensor:
+    """Y = X_s W^T with the 2:4 activations X_s compressed as the sparse operand."""
+    rows = x_sparse2d.shape[0]
+    x_padded = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE)
+    weight_t = weight.contiguous().t()
+    return _sparse_mm(_compress_with(x_padded, route), weight_t, False, _torch_mm,
+                      reference=lambda: x_padded @ weight_t)[:rows]
+
+
+@opaque_op("cslt_sparse_input_weight_grad", lambda gy2d, x_sparse2d, route: gy2d.new_empty(gy2d.shape[1],
+                                                                                           x_sparse2d.shape[1]))
+def cslt_sparse_input_weight_grad(gy2d: Tensor, x_sparse2d: Tensor, route: str) -> Tensor:
+    """dW = dY^T X_s with X_s^T (in, tokens), 2:4 along tokens, as the sparse operand."""
+    x_t = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE).t().contiguous()
+    gy_padded = _pad_rows(gy2d, _SPARSE_ROW_MULTIPLE)
+    # transpose_result gives dW directly from dW^T = X_s^T @ dY.
+    return _sparse_mm(_compress_with(x_t, route), gy_padded, True, _torch_mm,
+                      reference=lambda: gy_padded.t() @ x_t.t())
 
 
 def _cusparselt_blockers(out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -405,6 +480,9 @@ def resolve_backend(requested: str, out_features: int, in_features: int, device,
     masks, else "cslt"), "kernel", "cslt", or "direct"; a route this GPU cannot run falls back to
     "cslt" and the reason says so. `plans`: see CuSparseLtBackend.
     """
+    if requested == "triton_bsr":
+        raise ValueError("sparsity.backend=triton_bsr runs block sparsity (sparsity.pattern=block); for 2:4 "
+                         f"use one of {BACKENDS}")
     if requested not in BACKENDS:
         raise ValueError(f"sparsity.backend={requested!r} is not one of {BACKENDS}; use auto unless testing")
     _check_compress_route(compress, ("auto",) + COMPRESS_ROUTES)

@@ -50,9 +50,9 @@ def block_mask_from_scores(scores: Tensor, sparsity: float) -> Tensor:
     flat = scores.detach().flatten()
     keep = kept_block_count(flat.numel(), sparsity)
     order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask.view(scores.shape)
+    # index_fill_, not `mask[...] = True`: a Python scalar there is a host-to-device copy, which a CUDA
+    # graph capture of a DRESS step refuses.
+    return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, order[:keep], True).view(scores.shape)
 
 
 def expand_block_mask(block_mask: Tensor, block_size: int) -> Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 BACKENDS = ("auto", "emulated", "cusparselt")
+BLOCK_BACKENDS = ("auto", "emulated", "triton_bsr")
 SEMI24_GRAD_MODES = ("ste", "masked", "srste")
 BLOCK_GRAD_MODES = ("ste", "masked")
 BLOCK_CRITERIA = ("magnitude", "scores")
@@ -20,6 +21,12 @@ BLOCK_CRITERIA = ("magnitude", "scores")
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not supported; use one of {list(allowed)}")
+
+
+def _check_backend(value: Any, allowed: tuple[str, ...]) -> None:
+    if value == "triton_bsr" and value not in allowed:
+        raise ValueError(f"backend='triton_bsr' runs block sparsity (pattern: block); use one of {list(allowed)} here")
+    _check_choice("backend", value, allowed)
 
 
 @dataclass
@@ -46,7 +53,7 @@ class Semi24Config:
     criterion: str = "magnitude"
 
     def __post_init__(self) -> None:
-        _check_choice("backend", self.backend, BACKENDS)
+        _check_backend(self.backend, BACKENDS)
         _check_choice("grad_mode", self.grad_mode, SEMI24_GRAD_MODES)
         if self.criterion != "magnitude":
             raise ValueError(
@@ -78,7 +85,7 @@ class Act24Config:
     layer_globs: tuple[str, ...] = ("*mlp.fc2",)
 
     def __post_init__(self) -> None:
-        _check_choice("backend", self.backend, BACKENDS)
+        _check_backend(self.backend, BACKENDS)
         if isinstance(self.layer_globs, str):
             raise ValueError(f"layer_globs={self.layer_globs!r} must be a list of globs, e.g. ['*mlp.fc2']")
         # Hydra hands over a ListConfig; a tuple keeps the dataclass hashable and immutable.
@@ -98,6 +105,9 @@ class BlockConfig:
         per-block scores trained through a straight-through estimator, DRESS/superblock-style;
         they start at the block norms, so step 0 equals magnitude pruning).
     grad_mode: weight gradient of pruned blocks: "ste" (dense) or "masked" (zero).
+    backend: "auto" (the Triton block-sparse kernels where they can run and win, else masked
+        dense), "emulated" (masked dense, any device), or "triton_bsr" (the kernels; error where
+        they cannot run). See sparsetrain/sparse/block_linear.py.
     """
 
     pattern: ClassVar[str] = "block"
@@ -105,6 +115,7 @@ class BlockConfig:
     sparsity: float = 0.9
     criterion: str = "magnitude"
     grad_mode: str = "ste"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -113,6 +124,7 @@ class BlockConfig:
             raise ValueError(f"sparsity={self.sparsity} must be in [0, 1): it is the fraction of blocks pruned")
         _check_choice("criterion", self.criterion, BLOCK_CRITERIA)
         _check_choice("grad_mode", self.grad_mode, BLOCK_GRAD_MODES)
+        _check_backend(self.backend, BLOCK_BACKENDS)
 
 
 SparsityConfig = Semi24Config | Act24Config | BlockConfig

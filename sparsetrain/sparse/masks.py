@@ -45,6 +45,19 @@ def _pattern_masks(pair_table: Tensor) -> Tensor:
 
 _PAIR_TABLE = _transposable_pair_table()
 TRANSPOSABLE_PATTERNS = _pattern_masks(_PAIR_TABLE)  # (90, 4, 4) bool, in tie-break order
+_PAIR_COLUMNS = torch.tensor(_PAIRS).t().contiguous()  # (2, 6): first and second column of each pair
+_TABLES_ON_DEVICE: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _tables_on(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(pair table, pair columns, patterns) on `device`, copied there once: a CUDA graph capture
+    allows no host-to-device copy. While torch.compile traces they are plain copies (graph constants)."""
+    tables = (_PAIR_TABLE, _PAIR_COLUMNS, TRANSPOSABLE_PATTERNS)
+    if torch.compiler.is_compiling():
+        return tuple(t.to(device) for t in tables)
+    if device not in _TABLES_ON_DEVICE:
+        _TABLES_ON_DEVICE[device] = tuple(t.to(device) for t in tables)
+    return _TABLES_ON_DEVICE[device]
 
 
 def _check_groups_of_four(size: int, what: str) -> None:
@@ -78,9 +91,7 @@ def _bounded_float32(scores: Tensor) -> Tensor:
 
 def _best_patterns(tiles: Tensor) -> Tensor:
     """Index of the highest-scoring transposable pattern of each (4, 4) tile, first max on ties."""
-    pair_table = _PAIR_TABLE.to(tiles.device)
-    first_cols = torch.tensor([a for a, _ in _PAIRS], device=tiles.device)
-    second_cols = torch.tensor([b for _, b in _PAIRS], device=tiles.device)
+    pair_table, (first_cols, second_cols), _ = _tables_on(tiles.device)
     best = torch.empty(tiles.shape[0], dtype=torch.int64, device=tiles.device)
     for start in range(0, tiles.shape[0], _TILE_CHUNK):
         chunk = tiles[start:start + _TILE_CHUNK]
@@ -105,7 +116,7 @@ def mask_24_transposable(scores: Tensor) -> Tensor:
     _check_groups_of_four(m, "the row count")
     _check_groups_of_four(k, "the column count")
     tiles = _bounded_float32(scores).reshape(m // 4, 4, k // 4, 4).transpose(1, 2).reshape(-1, 4, 4)
-    tile_masks = TRANSPOSABLE_PATTERNS.to(scores.device)[_best_patterns(tiles)]
+    tile_masks = _tables_on(scores.device)[2][_best_patterns(tiles)]
     return tile_masks.view(m // 4, k // 4, 4, 4).transpose(1, 2).reshape(m, k)
 
 

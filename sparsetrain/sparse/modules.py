@@ -29,17 +29,15 @@ from sparsetrain.sparse.block import (
     block_norms,
     check_block_divisible,
     expand_block_mask,
+    kept_block_count,
 )
+from sparsetrain.sparse.block_linear import block_sparse_linear, kernel_serves, resolve_block_route
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, SparsityConfig
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.masks import mask_24, mask_24_transposable
 from sparsetrain.sparse.schedules import SEMI_STRUCTURED_LEVEL, Phase
 
 logger = logging.getLogger("sparsetrain")
-
-BLOCK_BACKEND_REASON = (
-    "emulated: block sparsity runs as masked dense (torch BSR kernels measured 0.19x-0.57x of dense on H100)"
-)
 
 
 def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
@@ -118,6 +116,9 @@ class SparseGemmLayer(nn.Module):
     kind: str
     weight: nn.Parameter
     bias: nn.Parameter | None
+    # Block layers: apply GELU to the output, inside the kernel's epilogue where it runs without autograd
+    # (inference); set by `fuse_mlp_gelu_`, which drops the MLP's own GELU.
+    fuse_gelu: bool = False
 
     def _attach_sparsity(self, config: SparsityConfig, name: str) -> None:
         self.sparse_config = config
@@ -134,6 +135,8 @@ class SparseGemmLayer(nn.Module):
         self._active = True
         self._frozen = False
         self._backends: dict[tuple[torch.device, torch.dtype], tuple[Backend, str]] = {}
+        self._block_routes: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
+        self._block_index = None  # ((stored mask's storage, version, level), its block mask, its BlockIndex)
         self._backend_key: tuple[torch.device, torch.dtype] | None = None
         # Block layers run at a level the schedule may move; 2:4 is always 0.5.
         self.level = config.sparsity if isinstance(config, BlockConfig) else SEMI_STRUCTURED_LEVEL
@@ -157,8 +160,11 @@ class SparseGemmLayer(nn.Module):
     # -- backends --------------------------------------------------------------------------------
 
     def _initial_backend_choice(self) -> None:
-        if isinstance(self.sparse_config, BlockConfig):
-            self.backend_name, self.backend_reason = "emulated", BLOCK_BACKEND_REASON
+        if isinstance(self.sparse_config, BlockConfig) and self.sparse_config.backend == "triton_bsr":
+            self.backend_name = "triton_bsr"
+            self.backend_reason = "requested; checked at the first forward (needs CUDA, fp16/bf16, blocks of 16/32/64)"
+        elif isinstance(self.sparse_config, BlockConfig):
+            self._block_route(self.weight.device, self.weight.dtype)
         elif self.sparse_config.backend == "cusparselt":
             # A model is usually built on the CPU in fp32 and moved later; cuSPARSELt can only be
             # checked where and in what dtype the layer runs, so that happens at the first forward.
@@ -181,8 +187,27 @@ class SparseGemmLayer(nn.Module):
         if key != self._backend_key:
             backend, self.backend_reason = self._backends[key]
             self.backend_name, self._backend_key = backend.name, key
-            logger.debug("%s: backend %s (%s)", self.layer_name, backend.name, self.backend_reason)
+            if not torch.compiler.is_compiling():  # dynamo cannot trace a logger call
+                logger.debug("%s: backend %s (%s)", self.layer_name, backend.name, self.backend_reason)
         return self._backends[key][0]
+
+    def resolve_backend_for(self, device, dtype: torch.dtype) -> None:
+        """Pick the backend for inputs on `device` in compute `dtype` now rather than at the first such
+        forward: torch.compile traces that forward, and cannot trace the choice (it builds objects)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._backend(device, dtype)
+
+    def _block_route(self, device: torch.device, dtype: torch.dtype) -> str:
+        """"triton_bsr" or "emulated" for a block layer on (device, compute dtype), resolved once per pair."""
+        key = (device, dtype)
+        if key not in self._block_routes:
+            config = self.sparse_config
+            self._block_routes[key] = resolve_block_route(config.backend, config.block_size, device, dtype)
+        if key != self._backend_key:
+            (self.backend_name, self.backend_reason), self._backend_key = self._block_routes[key], key
+        return self.backend_name
 
     def use_backend(self, backend: Backend, device, dtype: torch.dtype, reason: str = "set by use_backend") -> None:
         """Run on `backend` for inputs on `device` in compute `dtype` instead of the resolved one
@@ -300,7 +325,7 @@ class SparseGemmLayer(nn.Module):
         config = self.sparse_config
         with torch.autocast(x.device.type, enabled=False):
             if isinstance(config, BlockConfig):
-                return F.linear(x, self._block_sparse_weight(w), bias)
+                return self._block_gemm(x, w, bias)
             backend = self._backend(x.device, dtype)
             if isinstance(config, Act24Config):
                 return activation_sparse_linear(x, w, bias, backend, config.transposable)
@@ -323,6 +348,50 @@ class SparseGemmLayer(nn.Module):
         if refresh:
             self._store_mask(self._fresh_mask(w), step=None)
         return backend.prepare_weight(w, self.mask, need_input_grad)[1]
+
+    def _block_gemm(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        """A block layer's x @ W_s^T + b (then GELU if fused): on the kernels where they serve, else masked dense."""
+        config = self.sparse_config
+        if not kernel_serves(config.backend, self._block_route(x.device, w.dtype), self.level):
+            y = F.linear(x, self._block_sparse_weight(w), bias)
+            return F.gelu(y) if self.fuse_gelu else y
+        block_mask, index = self._block_mask_and_index()
+        if self.fuse_gelu and not torch.is_grad_enabled():
+            from sparsetrain.kernels.bsr_matmul import block_sparse_linear as kernel_linear
+            x2d = x.reshape(-1, x.shape[-1])
+            bias = None if bias is None else bias.contiguous()
+            y2d = kernel_linear(x2d if x2d.stride(-1) == 1 else x2d.contiguous(), w, index, bias, gelu=True)
+            return y2d.reshape(*x.shape[:-1], w.shape[0])
+        y = block_sparse_linear(x, w, bias, block_mask, index, config.grad_mode)
+        return F.gelu(y) if self.fuse_gelu else y
+
+    def _block_mask_and_index(self):
+        """The block mask autograd needs (see block_linear) and the kernels' index of this forward's blocks.
+
+        Learned scores pick the blocks every training forward (the index is rebuilt on the GPU, no sync);
+        a stored mask's index is built once per change of the mask (its version counter).
+        """
+        config = self.sparse_config
+        from sparsetrain.kernels.bsr_matmul import index_from_block_mask  # imports Triton: only where it runs
+
+        b = config.block_size
+        if config.criterion == "scores" and not self._frozen:
+            block_mask = BlockScoreSTE.apply(self.block_scores, self.level)
+            kept = block_mask.detach().bool()
+            if self.training:
+                with torch.no_grad():
+                    self._store_mask(expand_block_mask(kept, b), step=None)
+            density = kept_block_count(kept.numel(), self.level) / kept.numel()
+            return block_mask, index_from_block_mask(kept, b, density)
+        key = (self.mask.data_ptr(), self.mask._version, self.level)
+        if self._block_index is None or self._block_index[0] != key:
+            m, k = self.mask.shape
+            # any(): a mask loaded from weights' nonzeros may miss zeros inside a kept block.
+            kept = self.mask.view(m // b, b, k // b, b).any(dim=3).any(dim=1)
+            density = kept_block_count(kept.numel(), self.level) / kept.numel()
+            self._block_index = (key, kept, index_from_block_mask(kept, b, density))
+        _, kept, index = self._block_index
+        return (kept if config.grad_mode == "masked" else None), index
 
     def _block_sparse_weight(self, w: Tensor) -> Tensor:
         config = self.sparse_config

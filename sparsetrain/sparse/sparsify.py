@@ -35,7 +35,7 @@ class LayerRecord(TypedDict):
     kind: str  # "linear", "conv1x1", "conv3x3", ...
     shape: tuple[int, ...]  # the weight's shape
     pattern: str  # "semi24" | "act24" | "block" | "dense"
-    backend: str  # "emulated" | "cusparselt" | "dense"
+    backend: str  # "emulated" | "cusparselt" | "triton_bsr" | "dense"
     reason: str
 
 

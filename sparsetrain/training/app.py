@@ -21,6 +21,7 @@ from sparsetrain.training.callbacks import (LayerReport, MaskSnapshots, Sparsity
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.consistency import MaskAgreement
+from sparsetrain.training.compile import COMPILE_MODES, CompileModel
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
@@ -73,6 +74,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
     if cfg.sparsity.get("backend") == "cusparselt":
         check_cusparselt_possible(cfg.trainer)
+    if cfg.get("compile") is not None and cfg.compile not in COMPILE_MODES:
+        raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
 
 
 def check_cusparselt_possible(trainer_cfg: DictConfig) -> None:
@@ -180,6 +183,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
                  ResumeState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
     if schedule is not None:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
+    if cfg.get("compile") is not None:
+        callbacks.append(CompileModel(cfg.compile))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar() if _is_terminal() else TQDMProgressBar(refresh_rate=50))
     return callbacks

@@ -155,7 +155,8 @@ def dense_forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     # exact resume, stays as it was) and moves no BatchNorm statistics.
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        # force_eager: a compiled model would otherwise compile this one-off eval forward too.
+        with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
             model(x)
     finally:
         model.train(was_training)

@@ -1,0 +1,160 @@
+"""Kernel configurations of the block-sparse matmuls, tuned per shape on the machine that runs them.
+
+A configuration is (BLOCK_M, num_warps, num_stages). Its key is the operation, the weight's shape,
+the block size, the dtype, the fused epilogue, the rows rounded up to a power of two, the kept
+fraction of blocks rounded to a bucket, the GPU and the Triton version. The first call with a new
+key times every candidate on its real operands (`triton.testing.do_bench`, median) and keeps the
+fastest. Choices are kept in memory and in $SPARSETRAIN_CACHE/bsr-autotune.json (default
+~/.cache/sparsetrain, where the cuSPARSELt plan cache is built too), so a new process starts tuned.
+
+Timing cannot happen inside CUDA graph capture: there an untuned key runs DEFAULT (and says so
+once). Run one eager step before capturing.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+logger = logging.getLogger("sparsetrain")
+
+CACHE_FILE = "bsr-autotune.json"
+# Kept fractions of blocks the tuning is bucketed by: 90% sparse -> 0.1, 80% -> 0.2, ...
+DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+_TIMING_WARMUP_MS, _TIMING_REP_MS = 5, 25
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # rows of the output tile; its columns are one weight block
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the loop over kept blocks
+
+
+DEFAULT = KernelConfig(128, 4, 3)
+# sm90: one warpgroup per 64 rows of the tile (wgmma's M), 2-4 stages fit 228 KB of shared memory
+# at every block size; 256 rows need two warpgroups.
+# Stages 2 (no prefetch, more programs per SM) suit the short loops of 90% sparse rows.
+CANDIDATES = (
+    KernelConfig(64, 4, 2), KernelConfig(64, 4, 3), KernelConfig(64, 4, 4),
+    KernelConfig(128, 4, 2), KernelConfig(128, 4, 3), KernelConfig(128, 4, 4),
+    KernelConfig(128, 8, 2), KernelConfig(128, 8, 3),
+    KernelConfig(256, 8, 2), KernelConfig(256, 8, 3), KernelConfig(256, 8, 4),
+)
+
+
+def density_bucket(density: float) -> float:
+    return min(DENSITY_BUCKETS, key=lambda bucket: abs(bucket - density))
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    text: str
+
+    @classmethod
+    @functools.lru_cache(maxsize=4096)  # called at every launch: the string is built once per shape
+    def of(cls, operation: str, rows: int, weight_shape, block_size: int, density: float, dtype: torch.dtype,
+           bias: bool, gelu: bool, device: torch.device) -> TuningKey:
+        rows_bucket = 1 << max(6, (rows - 1).bit_length())
+        epilogue = "+".join(["bias"] * bias + ["gelu"] * gelu) or "none"
+        return cls(f"{operation}|{weight_shape[0]}x{weight_shape[1]}|b{block_size}|"
+                   f"density{density_bucket(density)}|rows{rows_bucket}|{str(dtype).removeprefix('torch.')}|"
+                   f"{epilogue}|{_device_name(device)}|triton{triton.__version__}")
+
+
+_lock = threading.Lock()
+_entries: dict[str, KernelConfig] | None = None
+_warned_capture: set[str] = set()
+
+
+def cache_path() -> pathlib.Path:
+    root = pathlib.Path(os.environ.get("SPARSETRAIN_CACHE", pathlib.Path.home() / ".cache" / "sparsetrain"))
+    return root / CACHE_FILE
+
+
+def _read_file() -> dict[str, KernelConfig]:
+    path = cache_path()
+    try:
+        stored = json.loads(path.read_text())
+        return {key: KernelConfig(**value) for key, value in stored.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError) as error:  # a damaged file costs a re-tune, never a failed run
+        logger.warning("ignoring %s (%s); block-sparse kernels will be re-tuned", path, error)
+        return {}
+
+
+def _memory() -> dict[str, KernelConfig]:
+    global _entries
+    if _entries is None:
+        _entries = _read_file()
+    return _entries
+
+
+def _persist(key: str, config: KernelConfig) -> None:
+    """Merge one entry into the file (re-read first: other processes may have tuned other keys)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {k: asdict(v) for k, v in _read_file().items()}
+        merged[key] = asdict(config)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: a reader sees the old file or the new one
+    except OSError as error:
+        logger.warning("could not save block-sparse tuning to %s (%s); it holds for this process only", path, error)
+
+
+def tune(run: Callable[[KernelConfig], None]) -> tuple[KernelConfig, dict[KernelConfig, float]]:
+    """Time `run(config)` for every candidate (median ms); the fastest, and every timing."""
+    timings = {}
+    for config in CANDIDATES:
+        try:
+            timings[config] = triton.testing.do_bench(lambda: run(config), warmup=_TIMING_WARMUP_MS,
+                                                      rep=_TIMING_REP_MS, return_mode="median")
+        except OutOfResources:  # too much shared memory or too many registers for this block size
+            continue
+    if not timings:
+        raise RuntimeError("no block-sparse kernel configuration fits this GPU; use the emulated route")
+    return min(timings, key=timings.get), timings
+
+
+def pick(key: TuningKey, run: Callable[[KernelConfig], None]) -> KernelConfig:
+    """The configuration for `key`: remembered, or tuned now with `run` (outside CUDA graph capture)."""
+    with _lock:
+        config = _memory().get(key.text)
+        if config is not None:
+            return config
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if key.text not in _warned_capture:
+                _warned_capture.add(key.text)
+                logger.warning("block-sparse kernel %s is untuned inside CUDA graph capture; it runs %s. Run one "
+                               "step before capturing to tune it", key.text, DEFAULT)
+            return DEFAULT
+        config, timings = tune(run)
+        _memory()[key.text] = config
+        _persist(key.text, config)
+        logger.info("tuned block-sparse kernel %s: %s (%.4f ms; slowest candidate %.4f ms)", key.text, config,
+                    timings[config], max(timings.values()))
+        return config
+
+
+def entries() -> dict[str, KernelConfig]:
+    """Every configuration this process knows (tuned here or read from the cache file)."""
+    with _lock:
+        return dict(_memory())

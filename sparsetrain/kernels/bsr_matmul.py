@@ -1,0 +1,197 @@
+"""Block-sparse x dense matmuls for a weight pruned in b x b blocks (Triton, tuned per shape on sm90).
+
+The weight W (out, in) stays one dense tensor; a `BlockIndex` says which of its blocks are kept.
+Each program computes a (BLOCK_M, b) tile of the output and loops over the kept blocks of one
+block row (forward) or one block column (input grad), reading those blocks straight from W:
+
+    forward      y  = x  @ W_s^T (+ bias, then optionally GELU)   x (rows, in),  y (rows, out)
+    input grad   dx = dy @ W_s                                     dy (rows, out), dx (rows, in)
+
+Pruned blocks are never read, so W_s = W * block_mask without ever writing W * block_mask.
+The index is built from a bool block mask by torch ops alone (cumsum + scatter: no host sync, no
+data-dependent shapes), so it can be rebuilt every step and inside a CUDA graph; the loop bound
+of each program is a count the kernel loads from memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsetrain.kernels import bsr_autotune
+
+BLOCK_SIZES = (16, 32, 64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """Where the kept b x b blocks of an (out, in) weight are, per block row and per block column.
+
+    row_blocks[r, :row_counts[r]] are the kept block columns of block row r in ascending order
+    (the forward's loop); col_blocks[c, :col_counts[c]] the kept block rows of block column c
+    (the input grad's loop). Entries past a count are the pruned blocks and are never read.
+    density: the kept fraction it is tuned for (a host number; reading it from the mask would sync).
+    """
+
+    block_size: int
+    row_counts: torch.Tensor  # (out/b,) int32
+    row_blocks: torch.Tensor  # (out/b, in/b) int32
+    col_counts: torch.Tensor  # (in/b,) int32
+    col_blocks: torch.Tensor  # (in/b, out/b) int32
+    density: float
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        b = self.block_size
+        return self.row_blocks.shape[0] * b, self.col_blocks.shape[0] * b
+
+
+def _kept_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a (rows, cols) 0/1 int32 tensor: the count of ones, and the column order that puts the
+    ones first, ascending, then the zeros (a stable partition by cumsum + scatter)."""
+    counts = keep.sum(1, dtype=torch.int32)
+    kept_rank = keep.cumsum(1, dtype=torch.int32) - 1
+    pruned_rank = counts[:, None] + (1 - keep).cumsum(1, dtype=torch.int32) - 1
+    slot = torch.where(keep.bool(), kept_rank, pruned_rank).long()
+    columns = torch.arange(keep.shape[1], dtype=torch.int32, device=keep.device).expand_as(keep)
+    return counts, torch.empty_like(keep).scatter_(1, slot, columns)
+
+
+def index_from_block_mask(block_mask: torch.Tensor, block_size: int, density: float | None = None) -> BlockIndex:
+    """The `BlockIndex` of a bool (out/b, in/b) block mask with b = block_size.
+
+    density None reads the kept fraction from the mask (one host sync: fine for static weights);
+    training passes the fraction it pruned to, so a rebuild every step never waits for the GPU.
+    """
+    if block_mask.dim() != 2 or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be a 2-D bool tensor (out/b, in/b), got {block_mask.dtype} "
+                         f"{tuple(block_mask.shape)}; pass layer.mask[::b, ::b] or a block mask of scores")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size}: the kernels serve blocks of {BLOCK_SIZES}; use the emulated "
+                         "(masked dense) route for other sizes")
+    keep = block_mask.to(torch.int32)
+    row_counts, row_blocks = _kept_first(keep)
+    col_counts, col_blocks = _kept_first(keep.t().contiguous())
+    if density is None:
+        density = float(keep.float().mean())
+    return BlockIndex(block_size, row_counts, row_blocks, col_counts, col_blocks, float(density))
+
+
+@triton.jit
+def _erf(x):
+    """erf to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26; far below bf16/fp16 rounding): one reciprocal,
+    one exp and a few FMAs. libdevice's erff evaluates two polynomial branches per element, and in the
+    epilogue of a (128, 64) tile per 4 warps that arithmetic is as long as the memory traffic."""
+    a = tl.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    y = 1.0 - poly * tl.exp(-a * a)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _block_sparse_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, counts_ptr, blocks_ptr,
+                            rows, stride_a, stride_w, stride_out, stride_blocks, out_blocks,
+                            TRANSPOSED: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    """out[:, n*B:(n+1)*B] = sum over the kept blocks k of block row (or column) n of a[:, k*B:(k+1)*B] @ block.
+
+    Forward (TRANSPOSED False): the block is W[n*B:, k*B:]^T. Input grad: W[k*B:, n*B:] as stored.
+    """
+    pid = tl.program_id(0)
+    # Output block fastest: the programs running together share their rows of `a`, which stay in L2.
+    pid_m = pid // out_blocks
+    n = pid - pid_m * out_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, B)
+    row_ok = offs_m < rows
+    a_tile = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a + offs_b[None, :]
+    if TRANSPOSED:
+        w_tile = w_ptr + offs_b[:, None].to(tl.int64) * stride_w + (n * B + offs_b)[None, :]
+    else:
+        w_tile = w_ptr + (n * B + offs_b)[:, None].to(tl.int64) * stride_w + offs_b[None, :]
+    count = tl.load(counts_ptr + n)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    for i in range(0, count):
+        k = tl.load(blocks_ptr + n * stride_blocks + i)
+        a = tl.load(a_tile + k * B, mask=row_ok[:, None], other=0.0)
+        if TRANSPOSED:
+            w = tl.load(w_tile + (k * B).to(tl.int64) * stride_w)
+        else:
+            w = tl.trans(tl.load(w_tile + k * B))
+        acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n * B + offs_b).to(tl.float32)[None, :]
+    if GELU:  # the erf GELU of nn.GELU's default
+        acc = 0.5 * acc * (1.0 + _erf(acc * 0.7071067811865476))
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + (n * B + offs_b)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check_operands(a: torch.Tensor, weight: torch.Tensor, index: BlockIndex, a_features: int, what: str) -> None:
+    if a.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"{what} takes a 2-D {tuple(a.shape)} operand and a 2-D weight; reshape to (rows, features)")
+    if a.dtype not in HALF_DTYPES or weight.dtype != a.dtype:
+        raise ValueError(f"{what} runs fp16/bf16 with one dtype, got {a.dtype} and weight {weight.dtype}; cast both "
+                         "to the compute dtype (or use the emulated route for fp32)")
+    if tuple(weight.shape) != index.weight_shape:
+        raise ValueError(f"the weight is {tuple(weight.shape)} but the index was built for {index.weight_shape}; "
+                         "rebuild it with index_from_block_mask(mask[::b, ::b], b)")
+    if a.shape[1] != a_features:
+        raise ValueError(f"{what}: the operand has {a.shape[1]} features, the weight needs {a_features}")
+    if a.device != weight.device or index.row_counts.device != weight.device:
+        raise ValueError(f"{what}: operand, weight and index must be on one device, got {a.device}, {weight.device}, "
+                         f"{index.row_counts.device}")
+    if a.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"{what} needs row-major operands (last stride 1); call .contiguous() first")
+
+
+def _launch(a, weight, index, bias, gelu, transposed, config):
+    rows = a.shape[0]
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    counts, blocks = (index.col_counts, index.col_blocks) if transposed else (index.row_counts, index.row_blocks)
+    out = torch.empty(rows, out_features, dtype=a.dtype, device=a.device)
+    b = index.block_size
+    out_blocks = out_features // b
+
+    def run(cfg: bsr_autotune.KernelConfig) -> None:
+        grid = (triton.cdiv(rows, cfg.block_m) * out_blocks,)
+        _block_sparse_mm_kernel[grid](
+            a, weight, bias if bias is not None else a, out, counts, blocks,
+            rows, a.stride(0), weight.stride(0), out.stride(0), blocks.stride(0), out_blocks,
+            TRANSPOSED=transposed, B=b, BLOCK_M=cfg.block_m, HAS_BIAS=bias is not None, GELU=gelu,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if rows == 0:
+        return out
+    if config is None and a.device.type != "cuda":  # Triton's CPU interpreter: nothing to tune
+        config = bsr_autotune.DEFAULT
+    if config is None:
+        key = bsr_autotune.TuningKey.of("input_grad" if transposed else "forward", rows, weight.shape, b,
+                                        index.density, a.dtype, bias is not None, gelu, a.device)
+        config = bsr_autotune.pick(key, run)
+    run(config)
+    return out
+
+
+def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: BlockIndex, bias: torch.Tensor | None = None,
+                        gelu: bool = False, config: bsr_autotune.KernelConfig | None = None) -> torch.Tensor:
+    """x (rows, in) @ W_s^T + bias, then GELU if asked; W_s = weight with only the indexed blocks kept.
+
+    config None: the tuned configuration for this shape (tuned now on first use; see bsr_autotune).
+    """
+    _check_operands(x, weight, index, weight.shape[1], "block_sparse_linear")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous ({weight.shape[0]},) tensor of dtype {x.dtype}, got "
+                         f"{bias.dtype} {tuple(bias.shape)}; cast it to the compute dtype")
+    return _launch(x, weight, index, bias, gelu, transposed=False, config=config)
+
+
+def block_sparse_input_grad(gy: torch.Tensor, weight: torch.Tensor, index: BlockIndex,
+                            config: bsr_autotune.KernelConfig | None = None) -> torch.Tensor:
+    """gy (rows, out) @ W_s: the input gradient of `block_sparse_linear`."""
+    _check_operands(gy, weight, index, weight.shape[0], "block_sparse_input_grad")
+    return _launch(gy, weight, index, None, False, transposed=True, config=config)

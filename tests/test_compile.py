@@ -1,0 +1,162 @@
+"""torch.compile of sparse models on the CPU: the compiled step equals the eager one.
+
+The emulated backend runs through inductor for real. The cuSPARSELt path runs on the CPU stand-ins
+of tests/test_backends.py (the GEMM decompresses, the kernel is masks.py + compress_sm90), traced
+with fullgraph=True: any graph break in the sparse layers, the autograd Functions or the custom ops
+of sparse/ops.py fails the test. Recompiles (phase changes) are allowed; wrong numbers are not.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.sparse.backends import CuSparseLtBackend
+from sparsetrain.sparse.block import set_block_level
+from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
+from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.schedules import Phase
+from sparsetrain.sparse.sparsify import sparse_modules, sparsify_
+from tests.test_backends import fake_cusparselt, fake_kernels  # noqa: F401 - pytest fixtures
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def tiny_mlp(seed: int, width: int = 64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def train_steps(model, optimizer, batches, phases=None):
+    """Losses of one SGD step per batch; phases[i] (a Phase or None) is applied before step i."""
+    losses = []
+    for step, (x, y) in enumerate(batches):
+        if phases and phases[step] is not None:
+            for _, layer in sparse_modules(model):
+                layer.apply_phase(phases[step], step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def batches(count: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 32, generator=gen), torch.randint(0, 8, (16,), generator=gen)) for _ in range(count)]
+
+
+def twins(config, seed=0):
+    eager = tiny_mlp(seed)
+    sparsify_(eager, config, include=("0", "2"))
+    compiled = copy.deepcopy(eager)
+    return eager, compiled
+
+
+def assert_same_state(eager, compiled, tolerance=1e-5):
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
+        if a.dtype == torch.bool or not a.is_floating_point():
+            assert torch.equal(a, b), f"{name} differs between eager and compiled"
+        else:
+            assert torch.allclose(a, b, atol=tolerance, rtol=tolerance), f"{name} differs between eager and compiled"
+
+
+DENSE, PRUNE, FROZEN = (Phase(active=False, level=0.0, update_mask=False, name="dense_warmup"),
+                        Phase(active=True, level=0.5, update_mask=True, name="pruning"),
+                        Phase(active=True, level=0.5, update_mask=False, name="sparse"))
+
+
+def test_inductor_compiled_semi24_model_matches_eager_through_phase_changes():
+    """Dense warm-up, then masks refreshed every step, then frozen: recompiles are fine, the
+    losses, weights, masks and flip counts must equal eager's."""
+    eager, compiled = twins(Semi24Config(backend="emulated"))
+    compiled.compile()
+    phases = [DENSE, None, PRUNE, None, FROZEN, None]
+    data = batches(len(phases))
+    eager_losses = train_steps(eager, torch.optim.SGD(eager.parameters(), lr=0.5), data, phases)
+    compiled_losses = train_steps(compiled, torch.optim.SGD(compiled.parameters(), lr=0.5), data, phases)
+    assert torch.allclose(eager_losses, compiled_losses, atol=1e-5), (eager_losses, compiled_losses)
+    assert_same_state(eager, compiled)
+    for (_, a), (_, b) in zip(sparse_modules(eager), sparse_modules(compiled)):
+        assert a.pop_flip_rate() == b.pop_flip_rate() > 0
+    # evaluation: no refresh, the stored masks
+    eager.eval(), compiled.eval()
+    x = data[0][0]
+    assert torch.allclose(eager(x), compiled(x), atol=1e-5)
+
+
+def test_compiled_dress_scores_and_level_switches_match_eager():
+    eager, compiled = twins(BlockConfig(block_size=8, sparsity=0.5, criterion="scores", backend="emulated"))
+    compiled.compile(backend="aot_eager")
+    data = batches(4)
+    results = []
+    for model in (eager, compiled):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = []
+        for step, (x, y) in enumerate(data):
+            set_block_level(model, (0.5, 0.75)[step % 2])  # multi-subnet DRESS switches levels per forward
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        results.append(torch.stack(losses))
+    assert torch.allclose(*results, atol=1e-5), results
+    assert_same_state(eager, compiled)
+
+
+def cusparselt_layer(config, n_in, n_out, compress, seed):
+    torch.manual_seed(seed)
+    layer = SparseLinear.from_dense(nn.Linear(n_in, n_out).bfloat16(), config, "fc").train()
+    layer.use_backend(CuSparseLtBackend(True, compress, plans=False), "cpu", torch.bfloat16)
+    return layer
+
+
+def forward_backward(layer, x, gy):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(gy)
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("compress", ["kernel", "cslt"])
+def test_cusparselt_path_traces_whole_and_matches_eager(fake_cusparselt, fake_kernels, compress):
+    eager = cusparselt_layer(Semi24Config(), 192, 128, compress, seed=3)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x = torch.randn(3, 20, 192, generator=gen).bfloat16()
+        gy = torch.randn(3, 20, 128, generator=gen).bfloat16()
+        for got, expected in zip(forward_backward(compiled, x, gy), forward_backward(eager, x, gy)):
+            assert torch.equal(got, expected), f"step {step}: compiled differs from eager"
+        assert torch.equal(compiled.mask, eager.mask)
+        with torch.no_grad():  # new magnitudes, so the next refresh picks a new mask
+            for layer in (eager, compiled):
+                layer.weight.mul_(-1).add_(0.05)
+                layer.weight.grad = layer.bias.grad = None
+    launches = fake_kernels.launches
+    assert launches == (["prune"] * 4 if compress == "kernel" else [])  # 2 steps, eager and compiled
+
+
+def test_activation_sparse_path_traces_whole_and_matches_eager(fake_cusparselt):
+    eager = cusparselt_layer(Act24Config(transposable=True), 256, 64, "cslt", seed=5)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.relu(torch.randn(30, 256, generator=gen)).square().bfloat16()
+    gy = torch.randn(30, 64, generator=gen).bfloat16()
+    for got, expected in zip(forward_backward(compiled, x, gy), forward_backward(eager, x, gy)):
+        assert torch.equal(got, expected)
+
+
+def test_compile_option_is_checked_and_cpu_runs_stay_eager(tmp_path, caplog):
+    from sparsetrain.training.app import ConfigError, train
+    from tests.helpers import TINY, compose_cfg
+    with pytest.raises(ConfigError, match="compile=fast must be null"):
+        train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "compile=fast"], tmp_path / "bad"))
+    with caplog.at_level("INFO", logger="sparsetrain"):
+        summary = train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "compile=default"], tmp_path / "cpu"))
+    assert summary["global_step"] == 2
+    assert any("compile=default skipped: training runs on cpu" in r.getMessage() for r in caplog.records)

@@ -49,6 +49,20 @@ METHODS = {
 }
 
 
+NOTES = """Notes (H100 runs of 2026-11-25, fp32, 13 runs side by side on one GPU via scripts/gpu_accuracy.sh):
+- Seeds: 0 and 1 for every row; the ViT's dense and block-80% rows also have seeds 2 and 3, added because
+  at two seeds DRESS trailed magnitude by 0.06 pt, inside the seed spread. Every finished seed is counted.
+- Block sparsity on *every* ViT linear (attention too; seeds 0-1, same gradual schedule): magnitude 0.8505
+  (-2.16 pt), DRESS 0.8517 (-2.04 pt): DRESS ahead, but outside the 1.5-point target. With the MLPs alone
+  (the recipe's and superblock's scope) this small ViT loses nothing measurable at 80% or 90%.
+- Held-out study (results/block-recipe-study.md): under the same gradual schedule DRESS beat magnitude
+  (0.8614 vs 0.8493 on every linear, 0.8788 vs 0.8751 on the MLPs), but magnitude with a mask
+  recomputed every step from step 0 (0.8619) ties DRESS's best (0.8623): the learned scores help most
+  against magnitude masks that are re-ranked only every 50 steps.
+- The ResNet's block rows are where DRESS clearly wins: +1.9 pt over magnitude at 80%, +3.3 pt at 90%.
+"""
+
+
 def runs_of(model: str, method: str, seeds, root: Path = RUNS) -> list[Run]:
     recipe, model_overrides = MODELS[model]
     scope = BLOCK_SCOPE[model] if method.startswith("block") else ()
@@ -65,20 +79,27 @@ def finished_runs(model: str, method: str, root: Path = RUNS) -> list[Run]:
 
 
 def targets(model: str, root: Path = RUNS) -> list[str]:
-    """The issue's targets, each marked met / MISSED / not run yet."""
-    def mean(method):
+    """The issue's targets, each marked met / MISSED / not run yet, with the margins behind the verdict."""
+    stats = {}
+    for method in ("dense", "semi24", "block80_dress", "block80_mag"):
         accs = accuracies(finished_runs(model, method, root))
-        return mean_and_spread(accs)[0] if accs else None
-
-    dense, semi, dress, magnitude = (mean(m) for m in ("dense", "semi24", "block80_dress", "block80_mag"))
+        stats[method] = mean_and_spread(accs) if accs else None
+    if None in stats.values():
+        return [f"- {model}: 2:4 / DRESS targets: not run yet (a method of the grid has no finished run)"]
+    (dense, _), (semi, _), (dress, dress_spread), (magnitude, mag_spread) = (
+        stats[m] for m in ("dense", "semi24", "block80_dress", "block80_mag"))
 
     def verdict(ok):
-        return "not run yet" if ok is None else ("met" if ok else "MISSED")
+        return "met" if ok else "MISSED"
 
-    semi_ok = None if None in (dense, semi) else dense - semi <= 0.005
-    dress_ok = None if None in (dense, dress, magnitude) else (dense - dress <= 0.015 and dress > magnitude)
-    return [f"- {model}: 2:4 from scratch within 0.5 points of dense: {verdict(semi_ok)}",
-            f"- {model}: block 80% DRESS within 1.5 points of dense and ahead of magnitude: {verdict(dress_ok)}"]
+    lead = dress - magnitude
+    # A lead smaller than the seeds' own spread is not evidence that one criterion is better.
+    tie = ": a tie, the lead is inside the seed spread" if abs(lead) < max(dress_spread, mag_spread) else ""
+    return [f"- {model}: 2:4 from scratch within 0.5 points of dense: {verdict(dense - semi <= 0.005)} "
+            f"({100 * (semi - dense):+.2f} pt)",
+            f"- {model}: block 80% DRESS within 1.5 points of dense and ahead of magnitude: "
+            f"{verdict(dense - dress <= 0.015 and lead > 0)} ({100 * (dress - dense):+.2f} pt vs dense, "
+            f"{100 * lead:+.2f} pt vs magnitude{tie})"]
 
 
 def table(root: Path = RUNS) -> str:
@@ -106,7 +127,7 @@ def table(root: Path = RUNS) -> str:
     lines += ["", "Targets (from the literature: NVIDIA's 2:4 recipe, SR-STE, superblock):"]
     for model in MODELS:
         lines += targets(model, root)
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", NOTES]) + "\n"
 
 
 def main(argv=None) -> int:

@@ -57,13 +57,17 @@ def table(seeds) -> str:
              "spread over seeds; t10k is not looked at. Made by `scripts/block_recipe_study.py`.", "",
              "| variant | what | seeds | held-out top-1 | spread | steps | command (first seed) |",
              "|---|---|---|---|---|---|---|"]
+    not_run = []
     for variant, (what, _) in VARIANTS.items():
         runs = [r for r in runs_of(variant, seeds) if r.summary() is not None]
         if not runs:
+            not_run.append(variant)
             continue
         mean, spread = mean_and_spread(accuracies(runs))
         lines.append(f"| {variant} | {what} | {len(runs)} | {mean:.4f} | {spread:.4f} | "
                      f"{runs[0].summary()['global_step']} | `{runs[0].command()}` |")
+    if not_run:
+        lines += ["", f"Not run yet: {', '.join(not_run)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sparsetrain-out}; logs=/tmp/gpu-test-logs; mkdir -p "$OUT" "$logs"
 export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$logs/env.txt"
-for f in $(grep -l "mark.gpu\|pytestmark" tests/test_*.py); do
+for f in $(grep -lE "pytest\.mark\.gpu" tests/test_*.py); do
   name=$(basename "$f" .py)
   timeout "${GPU_TEST_FILE_SECONDS:-240}" python3 -m pytest -q -ra -m gpu -p no:cacheprovider "$f" > "$logs/$name.log" 2>&1
   echo "$f (rc $?): $(tail -1 "$logs/$name.log")"

@@ -92,8 +92,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("train_args", nargs="*", help="train.py overrides (after --)")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # the rest: train.py overrides (after --)
+    args.train_args = [a for a in rest if a != "--"]
+    if args.what == "linear" and args.train_args:
+        parser.error(f"unrecognized arguments: {args.train_args}")
     if args.what == "linear":
         profile_linear(args.calls, args.tokens, args.top)
     else:

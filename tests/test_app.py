@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from sparsetrain.training.app import ConfigError, train
+from sparsetrain.training.app import ConfigError, estimate_steps_per_epoch, train
 from sparsetrain.training.checkpoints import CheckpointError
 from tests.helpers import RECIPES, TINY, compose_cfg
 
@@ -120,3 +121,30 @@ def test_misspelt_model_name_names_close_matches(tmp_path):
 def test_missing_data_path_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root"):
         train(compose_cfg(["recipe=fmnist_dense", "data.root=/nonexistent/fmnist", "trainer.max_steps=1"], tmp_path))
+
+
+class _Batches:
+    """A datamodule stand-in whose train loader has `n` batches."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def setup(self, stage):
+        pass
+
+    def train_dataloader(self):
+        return range(self.n)
+
+
+@pytest.mark.parametrize("trainer, steps", [
+    ({}, 10),
+    ({"devices": 2, "strategy": "ddp"}, 5),
+    ({"devices": [0, 1, 2], "num_nodes": 2}, 2),
+    ({"devices": "2", "accumulate_grad_batches": 2}, 3),
+    ({"devices": 2, "limit_train_batches": 3}, 3),
+    ({"devices": 1, "limit_train_batches": 0.5, "accumulate_grad_batches": 4}, 2),
+])
+def test_steps_per_epoch_count_what_each_rank_steps(trainer, steps):
+    """Schedules that need the run's length (dense_final) must see DDP's split and gradient accumulation."""
+    cfg = OmegaConf.create({"trainer": {"devices": 1, "accelerator": "cpu", **trainer}})
+    assert estimate_steps_per_epoch(cfg, _Batches(10)) == steps

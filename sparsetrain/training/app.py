@@ -191,14 +191,32 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
 
 
 def estimate_steps_per_epoch(cfg, datamodule) -> int:
+    """Optimizer steps per epoch as Lightning counts them: each data-parallel rank sees 1/world of the
+    batches, `limit_train_batches` caps them per rank, and gradient accumulation groups them."""
     datamodule.setup("fit")
-    n = len(datamodule.train_dataloader())
+    n = math.ceil(len(datamodule.train_dataloader()) / data_parallel_size(cfg.trainer))
     limit = cfg.trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
         n = min(n, limit)
     elif isinstance(limit, float):
         n = max(1, int(n * limit))
-    return max(1, n)
+    return max(1, math.ceil(n / int(cfg.trainer.get("accumulate_grad_batches") or 1)))
+
+
+def data_parallel_size(trainer_cfg) -> int:
+    """How many ranks split each epoch's data: devices x num_nodes (Lightning runs DDP whenever there
+    are several). `devices` may be an int, a list of ids, a digit string, or 'auto' / -1 (all visible GPUs)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    else:
+        on_gpu = str(trainer_cfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+        count = torch.cuda.device_count() if on_gpu and torch.cuda.is_available() else 1
+    return max(1, count) * max(1, int(trainer_cfg.get("num_nodes") or 1))
 
 
 def _is_terminal() -> bool:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_runs import ROOT, Run, accuracies, mean_and_spread, train_all  # noqa: E402
+from grid_runs import ROOT, Run, accuracies, mean_and_spread, train_all, write_report  # noqa: E402
 
 RUNS = ROOT / "runs" / "accuracy"
 # model -> (recipe, overrides): 3 epochs (1404 steps at batch 128) for both models.
@@ -148,13 +148,7 @@ def main(argv=None) -> int:
         runs = [Run(r.root, r.recipe, r.name, (*r.overrides, *args.extra))
                 for model in args.model for method in args.only.split(",") for r in runs_of(model, method, args.seeds)]
         errors = train_all(runs, args.jobs)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table())
-    print(out.read_text())
-    for error in errors:
-        print("FAILED", error, file=sys.stderr)
-    return 1 if errors else 0
+    return write_report(Path(args.out), table(), errors)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,19 @@ MLP_SHAPES = {"vit_b": (768, 3072), "vit_l": (1024, 4096)}
 
 
 # ---------------------------------------------------------------------------------------- timing
+def cuda_event_median_ms(fn, reps: int) -> float:
+    """Median GPU ms of `reps` calls of fn, each timed alone between two CUDA events."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 class Timer:
     def __init__(self, quick: bool):
         self.reps = 7 if quick else 15
@@ -72,15 +85,7 @@ class Timer:
         return self._median(burst) / self.inner
 
     def _median(self, fn) -> float:
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return cuda_event_median_ms(fn, self.reps)
 
     @staticmethod
     def host_us(fn, calls: int = 50) -> float:

@@ -19,7 +19,6 @@ import datetime
 import json
 import pathlib
 import platform
-import statistics
 import sys
 import traceback
 
@@ -38,6 +37,7 @@ from sparsetrain.kernels.bsr_matmul import (  # noqa: E402
     index_from_block_mask,
 )
 from sparsetrain.sparse import sparsify_  # noqa: E402
+from bench import cuda_event_median_ms  # noqa: E402  (scripts/ is on sys.path when a script runs)
 from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand_block_mask  # noqa: E402
 from sparsetrain.sparse.block_linear import fuse_mlp_gelu_  # noqa: E402
 from sparsetrain.sparse.config import BlockConfig  # noqa: E402
@@ -60,15 +60,7 @@ def events_ms(fn, reps: int = 10) -> float:
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_event_median_ms(fn, reps)
 
 
 def graph_ms(fn, reps: int = 10) -> float:

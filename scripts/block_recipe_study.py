@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_runs import ROOT, Run, accuracies, mean_and_spread, train_all  # noqa: E402
+from grid_runs import ROOT, Run, accuracies, mean_and_spread, train_all, write_report  # noqa: E402
 
 RUNS = ROOT / "runs" / "block-study"
 RECIPE = "fmnist_dense"
@@ -82,13 +82,7 @@ def main(argv=None) -> int:
     if not args.table_only:
         runs = [run for variant in args.only.split(",") for run in runs_of(variant, args.seeds)]
         errors = train_all(runs, args.jobs)
-    out = ROOT / "results" / "block-recipe-study.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table(args.seeds))
-    print(out.read_text())
-    for error in errors:
-        print("FAILED", error, file=sys.stderr)
-    return 1 if errors else 0
+    return write_report(ROOT / "results" / "block-recipe-study.md", table(args.seeds), errors)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,13 @@ def accuracies(runs: list[Run]) -> list[float]:
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), max(values) - min(values)
+
+
+def write_report(out: Path, text: str, errors: list[str]) -> int:
+    """Write and print a results table, then the failed runs; the exit status (1 if any run failed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    for error in errors:
+        print("FAILED", error, file=sys.stderr)
+    return 1 if errors else 0

@@ -276,3 +276,11 @@ def test_block_scores_are_reseeded_from_the_weights_when_a_dense_phase_ends():
     layer.apply_phase(Phase("pruning", active=True, level=0.5, update_mask=True), step=5)
     assert not torch.equal(layer.block_scores, stale)
     assert torch.allclose(layer.block_scores, block_norms(layer.weight.detach(), 16))
+
+
+@pytest.mark.parametrize("config", [Semi24Config(), BlockConfig(block_size=16, sparsity=0.5, criterion="scores")])
+def test_the_backend_can_be_picked_before_the_first_forward(config):
+    """torch.compile (the `compile:` option) picks every layer's route before tracing, block layers too."""
+    layer = SparseLinear.from_dense(nn.Linear(32, 64), config, "fc")
+    layer.resolve_backend_for("cpu", torch.float32)
+    assert layer.backend_name == "emulated" and layer.backend_reason

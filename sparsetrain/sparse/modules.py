@@ -197,7 +197,10 @@ class SparseGemmLayer(nn.Module):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self._backend(device, dtype)
+        if isinstance(self.sparse_config, BlockConfig):
+            self._block_route(device, dtype)
+        else:
+            self._backend(device, dtype)
 
     def _block_route(self, device: torch.device, dtype: torch.dtype) -> str:
         """"triton_bsr" or "emulated" for a block layer on (device, compute dtype), resolved once per pair."""

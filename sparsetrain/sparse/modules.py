@@ -410,6 +410,20 @@ class SparseGemmLayer(nn.Module):
     # -- reporting and export --------------------------------------------------------------------
 
     @torch.no_grad()
+    def decay_pruned_weights(self, factor: float) -> None:
+        """w <- w * (1 - factor) where the mask prunes; kept weights and inactive layers untouched.
+
+        Masked decay (Hu et al., ICML 2024) acts on the weights after the optimizer step, not on the
+        gradient as SR-STE does, so Adam's per-weight normalisation cannot scale it away.
+        """
+        if not 0.0 <= factor < 1.0:
+            raise ValueError(f"decay factor {factor} must be in [0, 1): it is masked_decay x lr")
+        if not self._active or isinstance(self.sparse_config, Act24Config):
+            return
+        pruned = ~self.mask.view(self.weight.shape)
+        self.weight.mul_(1.0 - factor * pruned.to(self.weight.dtype))
+
+    @torch.no_grad()
     def effective_weight(self) -> Tensor:
         """The weight the forward multiplies by (dense when inactive or activation-sparse),
         in the parameter's shape and dtype."""

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from sparsetrain.sparse.config import config_from_dict
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, sparsify_
-from sparsetrain.training.callbacks import (LayerReport, MaskSnapshots, SparsityScheduler, Throughput, WandbRunInfo,
-                                           merge_records)
+from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, Throughput,
+                                            WandbRunInfo, merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.consistency import MaskAgreement
@@ -59,6 +59,10 @@ def validate_config(cfg: DictConfig) -> None:
     level = cfg.sparsity.get("sparsity")
     if level is not None and not 0 <= level < 1:
         raise ConfigError(f"sparsity.sparsity={level} must be in [0, 1), e.g. sparsity.sparsity=0.9")
+    decay = cfg.sparsity.get("masked_decay") or 0.0
+    if not 0 <= decay * lr < 1:
+        raise ConfigError(f"sparsity.masked_decay={decay} must be >= 0 and below 1/optim.lr ({1 / lr:g}): pruned "
+                          "weights shrink by masked_decay x lr per step; e.g. sparsity.masked_decay=0.5")
     kind = cfg.prune_schedule.kind
     if cfg.sparsity.get("criterion") == "scores" and kind in ("one_shot", "iterative"):
         # Scores train only at steps that update the mask, and these schedules update it once (per cycle).
@@ -95,8 +99,8 @@ def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
     opts = OmegaConf.to_container(sparsity_cfg, resolve=True)
     include = tuple(opts.pop("include", ["*"]))
     exclude = tuple(opts.pop("exclude", []))
-    # DRESS multi-subnet levels and the score learning rate drive SparseClassifier, not the sparsifier.
-    for key in ("subnet_levels", "subnet_weights", "score_lr_scale"):
+    # DRESS multi-subnet levels and the score learning rate drive SparseClassifier, masked decay a callback.
+    for key in ("subnet_levels", "subnet_weights", "score_lr_scale", "masked_decay"):
         opts.pop(key, None)
     config = config_from_dict(opts)
     return sparsify_(model, config, include=include, exclude=exclude)
@@ -185,6 +189,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
     if cfg.get("compile") is not None:
         callbacks.append(CompileModel(cfg.compile))
+    if cfg.sparsity.get("masked_decay"):
+        callbacks.append(MaskedDecay(cfg.sparsity.masked_decay))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar() if _is_terminal() else TQDMProgressBar(refresh_rate=50))
     return callbacks

@@ -84,6 +84,23 @@ class SparsityScheduler(L.Callback):
         self._last_logs, self._last_logs_epoch = logs, trainer.current_epoch
 
 
+class MaskedDecay(L.Callback):
+    """After every optimizer step, shrinks each weight-sparse layer's pruned weights by strength x the
+    current learning rate (decoupled, like AdamW's decay, but on pruned entries only)."""
+
+    def __init__(self, strength: float):
+        if strength < 0:
+            raise ValueError(f"masked_decay={strength} must be >= 0")
+        self.strength = float(strength)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # no optimizer step yet: gradients are still accumulating
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        for _, layer in sparse_modules(pl_module.model):
+            layer.decay_pruned_weights(self.strength * lr)
+
+
 class Throughput(L.Callback):
     """Images/s and achieved TFLOP/s over windows of `window` training steps after `warmup` steps
     (compilation, cudnn autotune, algorithm search). The device is synchronized only at window edges,

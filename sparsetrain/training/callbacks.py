@@ -11,6 +11,7 @@ import torch
 
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, mask_checksum, sparse_modules
+from sparsetrain.training.loggers import device_scalar
 
 log = logging.getLogger("sparsetrain")
 
@@ -56,8 +57,8 @@ class SparsityScheduler(L.Callback):
         phase = self.schedule.phase(step)
         for _, module in sparse_modules(pl_module.model):
             module.apply_phase(phase, step)
-        pl_module.log("sparsity/phase", float(PHASE_CODES[phase.name]))
-        pl_module.log("sparsity/level", float(phase.level))
+        pl_module.log("sparsity/phase", device_scalar(PHASE_CODES[phase.name], pl_module.device))
+        pl_module.log("sparsity/level", device_scalar(phase.level, pl_module.device))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         restored, self._restored_logs = self._restored_logs, None

@@ -5,8 +5,18 @@ import os
 import uuid
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+
+def device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A Python number as a 0-d tensor made on `device` by a fill kernel, for `LightningModule.log`.
+
+    Logging a plain float makes Lightning copy it to the GPU with a blocking copy, which waits for every
+    kernel queued so far: per-step floats (lr, phase, level) would sync the host with the GPU each step.
+    """
+    return torch.full((), float(value), device=device)
 
 
 def wandb_credentials_present() -> bool:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from sparsetrain.training.loggers import device_scalar
 from sparsetrain.training.lr import lr_multiplier
 
 log = logging.getLogger("sparsetrain")
@@ -42,8 +43,10 @@ class SparseClassifier(L.LightningModule):
         self.subnet_weights = list(subnet_weights or [1.0] * len(self.subnet_levels))
         if len(self.subnet_weights) != len(self.subnet_levels):
             raise ValueError("subnet_weights needs one weight per entry of subnet_levels")
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # validate_args=False: torchmetrics' label checks read GPU values on the host, a sync every batch;
+        # the datamodules' labels are in range by construction.
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
         self.skipped_steps = 0
         # Who wrote a checkpoint (recipe, model, pattern): resume refuses a mismatch unless forced.
         self.checkpoint_identity: dict = {}
@@ -69,7 +72,7 @@ class SparseClassifier(L.LightningModule):
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        self.log("lr", device_scalar(self.optimizers().param_groups[0]["lr"], self.device))
         return loss
 
     def _multi_subnet_loss(self, x, y):

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups: which parameters decay, and the DRESS score learning rate."""
+"""SparseClassifier details: optimizer parameter groups (decay, DRESS score lr) and how per-step scalars are logged."""
 import functools
 
 import pytest
@@ -45,3 +45,10 @@ def test_a_scaled_score_lr_needs_an_explicit_base_lr():
 def test_the_classifier_refuses_a_non_positive_score_lr_scale():
     with pytest.raises(ValueError, match="score_lr_scale"):
         SparseClassifier(_dress_mlp(), num_classes=4, optimizer=torch.optim.AdamW, sched={}, score_lr_scale=0.0)
+
+
+def test_logged_scalars_are_made_on_the_device_with_their_value():
+    """Per-step floats are logged as device tensors (no blocking host-to-GPU copy each step)."""
+    from sparsetrain.training.loggers import device_scalar
+    scalar = device_scalar(0.25, torch.device("cpu"))
+    assert scalar.ndim == 0 and scalar.device.type == "cpu" and scalar.item() == 0.25

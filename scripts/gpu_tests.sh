@@ -5,6 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sparsetrain-out}; logs=/tmp/gpu-test-logs; mkdir -p "$OUT" "$logs"
 export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
+# The device image lacks hydra/omegaconf: carry .whl (made by ../shared/gpu/wheels.sh) and install it here.
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$logs/env.txt"
 for f in $(grep -lE "pytest\.mark\.gpu" tests/test_*.py); do
   name=$(basename "$f" .py)

@@ -53,12 +53,13 @@ def test_layer_shape_that_2to4_cannot_serve_stays_dense_with_the_reason(tmp_path
     assert "sparsify blocks.0.attn.qkv linear 198x66 -> dense" in caplog.text
 
 
+@pytest.mark.parametrize("recipe, backend", [("fmnist_vit_24", "cusparselt"), ("fmnist_vit_block", "triton_bsr")])
 @pytest.mark.parametrize("overrides, match", [
     (["trainer.precision=32-true"], r"needs fp16/bf16 .*trainer.precision=32-true.*bf16-mixed"),
     (["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"], r"needs a CUDA GPU \(trainer.accelerator=cpu\)"),
 ])
-def test_cusparselt_where_it_cannot_run_stops_before_training(overrides, match, tmp_path):
-    cfg = ["recipe=fmnist_vit_24", *TINY, *SMALL_VIT, "sparsity.backend=cusparselt", *overrides]
+def test_a_gpu_backend_where_it_cannot_run_stops_before_training(recipe, backend, overrides, match, tmp_path):
+    cfg = [f"recipe={recipe}", *TINY, *SMALL_VIT, f"sparsity.backend={backend}", *overrides]
     with pytest.raises(ConfigError, match=match):
         train(compose_cfg(cfg, tmp_path))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()

@@ -24,6 +24,7 @@ from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
+from sparsetrain.training import resolvers  # noqa: F401  (registers the resolvers the configs use)
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
 from sparsetrain.training.resumable import ResumeState
 
@@ -76,21 +77,21 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):
         raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
-    if cfg.sparsity.get("backend") == "cusparselt":
-        check_cusparselt_possible(cfg.trainer)
+    if cfg.sparsity.get("backend") in ("cusparselt", "triton_bsr"):
+        check_gpu_backend_possible(cfg.sparsity.backend, cfg.trainer)
     if cfg.get("compile") is not None and cfg.compile not in COMPILE_MODES:
         raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
 
 
-def check_cusparselt_possible(trainer_cfg: DictConfig) -> None:
-    """sparsity.backend=cusparselt would otherwise fail at the first forward, after start-up."""
+def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig) -> None:
+    """A forced GPU backend (cusparselt, triton_bsr) would otherwise fail at the first forward, after start-up."""
     if not str(trainer_cfg.precision).startswith(("16", "bf16")):
-        raise ConfigError(f"sparsity.backend=cusparselt needs fp16/bf16 compute but trainer.precision="
+        raise ConfigError(f"sparsity.backend={backend} needs fp16/bf16 compute but trainer.precision="
                           f"{trainer_cfg.precision} keeps fp32 weights: set trainer.precision=bf16-mixed, "
                           "or sparsity.backend=auto")
     if trainer_cfg.accelerator == "cpu" or not torch.cuda.is_available():
         where = "trainer.accelerator=cpu" if trainer_cfg.accelerator == "cpu" else "no CUDA GPU is visible"
-        raise ConfigError(f"sparsity.backend=cusparselt needs a CUDA GPU ({where}): use sparsity.backend=auto, "
+        raise ConfigError(f"sparsity.backend={backend} needs a CUDA GPU ({where}): use sparsity.backend=auto, "
                           "which falls back to masked dense")
 
 

@@ -1,6 +1,7 @@
 """OmegaConf resolvers that the configs use; registered once when train.py imports this module."""
 import hashlib
 
+import torch
 from omegaconf import OmegaConf
 
 # File systems cap a path component at 255 bytes; a sweep job's directory is named from its overrides.
@@ -16,9 +17,17 @@ def job_dirname(overrides: str) -> str:
     return f"{name[:MAX_DIRNAME - 11]}-{digest}"
 
 
+def if_cuda(accelerator: str, on_gpu, otherwise):
+    """`on_gpu` when this run trains on a CUDA GPU (trainer.accelerator auto/gpu/cuda and one is visible),
+    else `otherwise`: for recipes whose GPU settings (bf16, the kernels) cannot run on a CPU."""
+    trains_on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return on_gpu if trains_on_gpu else otherwise
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("job_dirname"):
-        OmegaConf.register_new_resolver("job_dirname", job_dirname)
+    for name, resolver in (("job_dirname", job_dirname), ("if_cuda", if_cuda)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register()

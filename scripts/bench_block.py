@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import pathlib
-import platform
 import sys
 import traceback
 
@@ -37,10 +35,13 @@ from sparsetrain.kernels.bsr_matmul import (  # noqa: E402
     index_from_block_mask,
 )
 from sparsetrain.sparse import sparsify_  # noqa: E402
-from bench import cuda_event_median_ms  # noqa: E402  (scripts/ is on sys.path when a script runs)
 from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand_block_mask  # noqa: E402
 from sparsetrain.sparse.block_linear import fuse_mlp_gelu_  # noqa: E402
 from sparsetrain.sparse.config import BlockConfig  # noqa: E402
+
+# bench.py's timer and environment record (scripts/ is on sys.path when a script runs).
+from bench import cuda_event_median_ms  # noqa: E402
+from bench import environment as bench_environment  # noqa: E402
 
 DT = torch.bfloat16
 TOKENS = 64 * 197  # ViT batch 64 at 224 px: 196 patches + cls
@@ -340,13 +341,8 @@ SECTIONS = {"gemm": section_gemm, "gelu": section_gelu, "vit": section_vit, "mlp
 
 # ---------------------------------------------------------------------------------------------- report
 def environment() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "python": platform.python_version(), "tuning_cache": str(bsr_autotune.cache_path()),
-    }
+    """bench.py's record of the GPU and the versions, plus where the kernel tuning is cached."""
+    return {**bench_environment(), "tuning_cache": str(bsr_autotune.cache_path())}
 
 
 def print_row(row: dict) -> None:
@@ -362,7 +358,7 @@ def print_row(row: dict) -> None:
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Block-sparse kernels vs dense, {env['date']}", "",
-             f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, "
+             f"{env['gpu']} ({env['multiprocessors']} SMs), torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, "
              f"Python {env['python']}. Copy rate {env.get('copy_tbs', 0):.2f} TB/s, dense bf16 8192^3 "
              f"{env.get('dense_tflops', 0):.0f} TFLOP/s. `python scripts/bench_block.py`.", ""]
     for section, rows in report["sections"].items():

@@ -37,10 +37,8 @@ def print_stats(profile: cProfile.Profile, top: int) -> None:
 
 def sparse_linear(d: int, h: int, device: str, dtype: torch.dtype) -> nn.Module:
     """A training-mode SparseLinear as the library builds it (2:4, transposable, mask re-pruned per step)."""
-    from sparsetrain.sparse import Semi24Config, sparsify_
-    model = nn.Sequential(nn.Linear(d, h)).to(device, dtype)
-    sparsify_(model, Semi24Config(backend="auto"), include=["*"], exclude=[])
-    return model.train()
+    from sparsetrain.sparse import Semi24Config, SparseLinear
+    return SparseLinear.from_dense(nn.Linear(d, h).to(device, dtype), Semi24Config(), "fc1").train()
 
 
 def profile_linear(calls: int, tokens: int, top: int) -> None:
@@ -64,7 +62,8 @@ def profile_linear(calls: int, tokens: int, top: int) -> None:
     sync()
     print(f"{device} {torch.cuda.get_device_name() if device == 'cuda' else ''} SparseLinear {d}->{h}, {tokens} "
           f"tokens, fwd+bwd: {1e3 * (time.perf_counter() - start) / calls:.3f} ms wall per call (no profiler)")
-    print(f"layer: {layer[0].describe()['backend']} ({layer[0].describe()['reason']})")
+    row = layer.describe()
+    print(f"layer: {row['backend']} ({row['reason']})")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(calls):

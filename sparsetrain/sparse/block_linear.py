@@ -131,6 +131,15 @@ def block_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block_ma
     return _BlockSparseLinear.apply(x, weight, bias, block_mask, index, grad_mode)
 
 
+def block_sparse_linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None, index) -> Tensor:
+    """GELU(x @ W_s^T + bias) in one kernel, GELU in its epilogue: inference only (no autograd)."""
+    from sparsetrain.kernels.bsr_matmul import block_sparse_linear as kernel_linear
+
+    x2d = _row_major(x.reshape(-1, x.shape[-1]))
+    y2d = kernel_linear(x2d, weight, index, None if bias is None else bias.contiguous(), gelu=True)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def fuse_mlp_gelu_(model: torch.nn.Module) -> list[str]:
     """Move the exact GELU that follows each block-sparse `fc1` (timm's Mlp: fc1 -> act -> ...) into that
     layer, where the kernel applies it in its epilogue when no gradient is taken (inference): one pass

@@ -31,7 +31,8 @@ from sparsetrain.sparse.block import (
     expand_block_mask,
     kept_block_count,
 )
-from sparsetrain.sparse.block_linear import block_sparse_linear, kernel_serves, resolve_block_route
+from sparsetrain.sparse.block_linear import (block_sparse_linear, block_sparse_linear_gelu, kernel_serves,
+                                             resolve_block_route)
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, SparsityConfig
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.masks import mask_24, mask_24_transposable
@@ -119,6 +120,12 @@ class SparseGemmLayer(nn.Module):
     # Block layers: apply GELU to the output, inside the kernel's epilogue where it runs without autograd
     # (inference); set by `fuse_mlp_gelu_`, which drops the MLP's own GELU.
     fuse_gelu: bool = False
+
+    def _take_over(self, dense: nn.Module, config: SparsityConfig, name: str) -> None:
+        """Share `dense`'s Parameters (the same objects) and training mode, then attach the sparsity state."""
+        self.weight, self.bias = dense.weight, dense.bias
+        self.train(dense.training)
+        self._attach_sparsity(config, name)
 
     def _attach_sparsity(self, config: SparsityConfig, name: str) -> None:
         self.sparse_config = config
@@ -360,11 +367,7 @@ class SparseGemmLayer(nn.Module):
             return F.gelu(y) if self.fuse_gelu else y
         block_mask, index = self._block_mask_and_index()
         if self.fuse_gelu and not torch.is_grad_enabled():
-            from sparsetrain.kernels.bsr_matmul import block_sparse_linear as kernel_linear
-            x2d = x.reshape(-1, x.shape[-1])
-            bias = None if bias is None else bias.contiguous()
-            y2d = kernel_linear(x2d if x2d.stride(-1) == 1 else x2d.contiguous(), w, index, bias, gelu=True)
-            return y2d.reshape(*x.shape[:-1], w.shape[0])
+            return block_sparse_linear_gelu(x, w, bias, index)
         y = block_sparse_linear(x, w, bias, block_mask, index, config.grad_mode)
         return F.gelu(y) if self.fuse_gelu else y
 
@@ -378,20 +381,20 @@ class SparseGemmLayer(nn.Module):
         from sparsetrain.kernels.bsr_matmul import index_from_block_mask  # imports Triton: only where it runs
 
         b = config.block_size
+        m, k = self.mask.shape
+        blocks = (m // b) * (k // b)
+        density = kept_block_count(blocks, self.level) / blocks
         if config.criterion == "scores" and not self._frozen:
             block_mask = BlockScoreSTE.apply(self.block_scores, self.level)
             kept = block_mask.detach().bool()
             if self.training:
                 with torch.no_grad():
                     self._store_mask(expand_block_mask(kept, b), step=None)
-            density = kept_block_count(kept.numel(), self.level) / kept.numel()
             return block_mask, index_from_block_mask(kept, b, density)
         key = (self.mask.data_ptr(), self.mask._version, self.level)
         if self._block_index is None or self._block_index[0] != key:
-            m, k = self.mask.shape
             # any(): a mask loaded from weights' nonzeros may miss zeros inside a kept block.
             kept = self.mask.view(m // b, b, k // b, b).any(dim=3).any(dim=1)
-            density = kept_block_count(kept.numel(), self.level) / kept.numel()
             self._block_index = (key, kept, index_from_block_mask(kept, b, density))
         _, kept, index = self._block_index
         return (kept if config.grad_mode == "masked" else None), index
@@ -507,9 +510,7 @@ class SparseLinear(SparseGemmLayer, nn.Linear):
         sparse = cls.__new__(cls)
         nn.Linear.__init__(sparse, linear.in_features, linear.out_features, bias=linear.bias is not None,
                            device="meta")
-        sparse.weight, sparse.bias = linear.weight, linear.bias
-        sparse.train(linear.training)
-        sparse._attach_sparsity(config, name)
+        sparse._take_over(linear, config, name)
         return sparse
 
     def forward(self, x: Tensor) -> Tensor:
@@ -533,9 +534,7 @@ class SparseConv1x1(SparseGemmLayer, nn.Conv2d):
         sparse = cls.__new__(cls)
         nn.Conv2d.__init__(sparse, conv.in_channels, conv.out_channels, kernel_size=1,
                            bias=conv.bias is not None, device="meta")
-        sparse.weight, sparse.bias = conv.weight, conv.bias
-        sparse.train(conv.training)
-        sparse._attach_sparsity(config, name)
+        sparse._take_over(conv, config, name)
         return sparse
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,12 +20,13 @@ from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapsh
                                             WandbRunInfo, merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
-from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
+from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
-from sparsetrain.training import resolvers  # noqa: F401  (registers the resolvers the configs use)
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
+# Importing it registers the resolvers the configs use (${if_cuda:...}, ${job_dirname:...}).
+from sparsetrain.training.resolvers import trains_on_cuda
 from sparsetrain.training.resumable import ResumeState
 
 log = logging.getLogger("sparsetrain")
@@ -221,8 +222,7 @@ def data_parallel_size(trainer_cfg) -> int:
     elif isinstance(devices, int) and devices > 0:
         count = devices
     else:
-        on_gpu = str(trainer_cfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
-        count = torch.cuda.device_count() if on_gpu and torch.cuda.is_available() else 1
+        count = torch.cuda.device_count() if trains_on_cuda(trainer_cfg.get("accelerator", "auto")) else 1
     return max(1, count) * max(1, int(trainer_cfg.get("num_nodes") or 1))
 
 

@@ -17,11 +17,15 @@ def job_dirname(overrides: str) -> str:
     return f"{name[:MAX_DIRNAME - 11]}-{digest}"
 
 
+def trains_on_cuda(accelerator) -> bool:
+    """Whether Lightning will train on CUDA GPUs: trainer.accelerator auto/gpu/cuda and one is visible."""
+    return str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def if_cuda(accelerator: str, on_gpu, otherwise):
-    """`on_gpu` when this run trains on a CUDA GPU (trainer.accelerator auto/gpu/cuda and one is visible),
-    else `otherwise`: for recipes whose GPU settings (bf16, the kernels) cannot run on a CPU."""
-    trains_on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return on_gpu if trains_on_gpu else otherwise
+    """`on_gpu` when this run trains on a CUDA GPU, else `otherwise`: for recipes whose GPU settings
+    (bf16, the kernels) cannot run on a CPU."""
+    return on_gpu if trains_on_cuda(accelerator) else otherwise
 
 
 def register() -> None:

@@ -241,7 +241,6 @@ def layer_table(model: nn.Module) -> list[dict]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def mask_checksum(model: nn.Module) -> int:
     """An integer that changes when any mask entry of any sparse layer changes, in module order: equal
     on all DDP ranks exactly when their masks agree (up to an unlikely collision).

@@ -1,6 +1,9 @@
 """Exact resume: a run SIGKILLed mid-epoch and continued with resume=auto ends bit-identical to one that never
 stopped (weights, masks, block scores, optimizer, LR schedule, data position, RNG, logged metrics)."""
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,9 +12,10 @@ from torch.utils.data import Dataset
 from sparsetrain.training.app import train
 from sparsetrain.training.checkpoints import find_resume_checkpoint
 from sparsetrain.training.data import EpochSeededSampler, SeededAugmentation, SyntheticDataModule
-from tests.helpers import compose_cfg
-from tests.resume_helpers import (BATCHES_PER_EPOCH, RECIPE_OVERRIDES, STEPS, assert_runs_identical, load,
-                                  one_thread, overrides, send_and_wait, start_cli, straight_run, wait_until_trained)
+from tests.helpers import ROOT, compose_cfg
+from tests.resume_helpers import (BATCHES_PER_EPOCH, ONE_THREAD, RECIPE_OVERRIDES, STEPS, assert_runs_identical,
+                                  load, logged_steps, one_thread, overrides, send_and_wait, start_cli,
+                                  straight_run, wait_until_trained)
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +39,40 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_a_straight_run(recipe, tmp_p
     assert summary["global_step"] == STEPS
     assert_runs_identical(straight, run_dir, resumed_from, recipe)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+# train.py that dies (as from SIGKILL: no handler, no flush) right after it writes last.ckpt for step
+# argv[1]: the moment after Lightning saved a step's checkpoint and before it logged that step.
+DIES_AFTER_CHECKPOINT = """
+import os, runpy, sys
+from sparsetrain.training.checkpoints import AtomicCheckpointIO
+save, last_step = AtomicCheckpointIO.save_checkpoint, int(sys.argv.pop(1))
+def save_then_die(self, checkpoint, path, storage_options=None):
+    save(self, checkpoint, path, storage_options)
+    if checkpoint["global_step"] == last_step:
+        os._exit(9)
+AtomicCheckpointIO.save_checkpoint = save_then_die
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_kill_between_a_checkpoint_and_its_log_row_loses_no_row(tmp_path, tmp_path_factory):
+    recipe = "fmnist_vit_24"
+    straight = straight_run(recipe, tmp_path_factory)
+    root = tmp_path / "runs"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **ONE_THREAD)
+    env.pop("HYDRA_FULL_ERROR", None)
+    died = subprocess.run([sys.executable, "-c", DIES_AFTER_CHECKPOINT, "4", *overrides(recipe), f"paths.root={root}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stdout[-3000:] + died.stderr[-3000:]
+    run_dir = root / recipe / "default"
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert logged_steps(run_dir) == [0, 1, 2], "the process died before it logged step 3"
+
+    summary = train(compose_cfg([*overrides(recipe), "resume=auto"], run_dir))
+    assert summary["global_step"] == STEPS
+    assert_runs_identical(straight, run_dir, 4, recipe)
 
 
 def test_train_loader_resumes_mid_epoch_with_exactly_the_remaining_batches():

@@ -4,7 +4,10 @@
   from (Lightning does not checkpoint them, and `seed_everything` at start-up would replay step 0's draws), and
   the logging step, which Lightning restores one too high from an end-of-epoch checkpoint.
 - `ResumableCSVLogger`: Lightning's CSVLogger deletes an existing metrics.csv when a run starts again; this one
-  keeps the rows written before the resume point and writes every row at once, so a kill loses none.
+  keeps the rows written before the resume point and writes every row at once.
+- The row of the step a checkpoint ends: step checkpoints are written in on_train_batch_end, before Lightning
+  logs that step, so a kill in between would lose the row for good (the resumed run starts after it). The
+  checkpoint carries the row, and a resumed run puts it back into metrics.csv when it is missing there.
 
 The data order is the third piece: `ResumableDataLoader` in data.py.
 """
@@ -18,6 +21,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -69,6 +73,19 @@ class ResumeState(L.Callback):
         self._pending = state_dict
         self._batches_done = int(state_dict.get("batches_done", 0))
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        row = unlogged_step_row(trainer)
+        if row is not None:
+            checkpoint["callbacks"][self.state_key]["unlogged_row"] = row
+
+    def on_train_start(self, trainer, pl_module):
+        # After every strategy has restored the callbacks, before a restarted validation logs anything.
+        row = (self._pending or {}).get("unlogged_row")
+        if row is not None:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.experiment.restore_row(row)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._pending is not None:
             restore_rng_state(self._pending["rng"])
@@ -83,6 +100,25 @@ class ResumeState(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batches_done += 1
         self._step_start_rng = None
+
+
+def unlogged_step_row(trainer) -> Optional[dict]:
+    """The metrics row Lightning is about to log for the batch that is ending, as its CSV logger would write
+    it, or None outside on_train_batch_end or when this step logs nothing (log_every_n_steps, accumulation).
+    """
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.current
+    if progress.processed == progress.completed:  # not between a step's end and its logging
+        return None
+    connector = trainer._logger_connector
+    if trainer.fit_loop._should_accumulate() or not (connector.should_update_logs or trainer.fast_dev_run):
+        return None
+    metrics = convert_tensors_to_scalars(connector.metrics["log"])
+    if not metrics:
+        return None
+    # The same keys and values LoggerConnector.log_metrics hands the loggers.
+    metrics.setdefault("epoch", trainer.current_epoch)
+    return {**metrics, "step": loop._batches_that_stepped}
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -106,6 +142,15 @@ class _ResumableExperimentWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         # Lightning deletes metrics.csv here; keep its rows until the first save knows the resume point.
         self._history = read_metric_rows(self.metrics_file_path) if os.path.isfile(self.metrics_file_path) else None
+
+    def restore_row(self, row: dict) -> None:
+        """Put back the row of the step the resume checkpoint ended, unless the killed process wrote it."""
+        history = self._history if self._history is not None else []
+        step = int(row["step"])
+        if any(_step_of(old) == step and row.keys() <= old.keys() for old in history):
+            return
+        self._history = sorted([*history, row], key=lambda old: _step_of(old) or 0)
+        log.info("metrics.csv: put back the row of step %d, which the stopped run had not written", step)
 
     def save(self) -> None:
         if self._history is None or not self.metrics:

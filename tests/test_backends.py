@@ -295,6 +295,14 @@ class FakeKernels:
         w_masked = w * mask
         return compress_sm90(w_masked), compress_sm90(w_masked.t().contiguous()), mask if want_mask else None
 
+    def prune_compress_into(self, w, mask, flips):
+        self.launches.append("prune-into")
+        new_mask = mask_24_transposable(w.abs())
+        flips.add_((mask ^ new_mask).sum())
+        mask.copy_(new_mask)
+        w_masked = w * mask
+        return compress_sm90(w_masked), compress_sm90(w_masked.t().contiguous())
+
     def compress_masked(self, w, mask, transposed=True):
         self.launches.append("mask" if transposed else "mask-no-t")
         w_masked = w * mask
@@ -316,6 +324,7 @@ def fake_cusparselt(monkeypatch):
 def fake_kernels(monkeypatch):
     fake = FakeKernels()
     monkeypatch.setattr(kernels, "prune_compress_transposable", fake.prune_compress_transposable)
+    monkeypatch.setattr(kernels, "prune_compress_into", fake.prune_compress_into)
     monkeypatch.setattr(kernels, "compress_masked", fake.compress_masked)
     return fake
 
@@ -419,9 +428,12 @@ def test_module_refresh_is_one_fused_call_and_stores_its_mask(fake_cusparselt, f
     with torch.no_grad():
         layer.weight.mul_(-1).add_(0.01)  # new magnitudes: the refreshed mask differs from the first
     x, _, _, gy = operands((3, 10))
+    first_mask, version = layer.mask.clone(), layer.mask._version
     y = layer(x.requires_grad_())
-    assert fake_kernels.launches == ["prune"] and fake_cusparselt.compressions == 0
+    assert fake_kernels.launches == ["prune-into"] and fake_cusparselt.compressions == 0
     assert torch.equal(layer.mask, mask_24_transposable(layer.weight.detach().abs()))
+    assert int(layer.flip_count) == int((first_mask ^ layer.mask).sum()) > 0
+    assert layer.mask._version > version, "autograd must see the in-place write"
     y.backward(gy)
     reference = SparseLinear.from_dense(torch.nn.Linear(192, 128).bfloat16(), Semi24Config(), "ref").eval()
     with torch.no_grad():
@@ -432,7 +444,7 @@ def test_module_refresh_is_one_fused_call_and_stores_its_mask(fake_cusparselt, f
     assert relative_error(y, y_ref) < 1e-2 and relative_error(x.grad, x_ref.grad) < 1e-2
     layer.set_mask_frozen(True)
     layer(x)
-    assert fake_kernels.launches == ["prune", "mask"]
+    assert fake_kernels.launches == ["prune-into", "mask"]
 
 
 def test_algorithms_are_searched_once_per_shape(fake_cusparselt):

@@ -15,6 +15,7 @@ from sparsetrain.sparse.backends import CuSparseLtBackend
 from sparsetrain.sparse.block import set_block_level
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
 from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.ops import opaque_op
 from sparsetrain.sparse.schedules import Phase
 from sparsetrain.sparse.sparsify import sparse_modules, sparsify_
 from tests.test_backends import fake_cusparselt, fake_kernels  # noqa: F401 - pytest fixtures
@@ -132,12 +133,31 @@ def test_cusparselt_path_traces_whole_and_matches_eager(fake_cusparselt, fake_ke
         for got, expected in zip(forward_backward(compiled, x, gy), forward_backward(eager, x, gy)):
             assert torch.equal(got, expected), f"step {step}: compiled differs from eager"
         assert torch.equal(compiled.mask, eager.mask)
+        assert torch.equal(compiled.flip_count, eager.flip_count), "the in-place flip count, traced"
         with torch.no_grad():  # new magnitudes, so the next refresh picks a new mask
             for layer in (eager, compiled):
                 layer.weight.mul_(-1).add_(0.05)
                 layer.weight.grad = layer.bias.grad = None
+    assert eager.flip_count > 0
     launches = fake_kernels.launches
-    assert launches == (["prune"] * 4 if compress == "kernel" else [])  # 2 steps, eager and compiled
+    assert launches == (["prune-into"] * 4 if compress == "kernel" else [])  # 2 steps, eager and compiled
+
+
+@opaque_op("test_write_behind_autograd", lambda t, x: x.new_empty(x.shape), mutates=("t",))
+def write_behind_autograd(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    t.data.add_(1)  # as a Triton kernel writes: through the pointer, no version bump of t
+    return x * 2
+
+
+def test_an_op_that_writes_an_input_bumps_its_version_eager_and_compiled():
+    t = torch.zeros(3)
+    x = torch.ones(3)
+    before = t._version
+    assert torch.equal(write_behind_autograd(t, x), 2 * x)
+    assert t._version > before and torch.equal(t, torch.ones(3))
+    compiled = torch.compile(lambda t, x: write_behind_autograd(t, x) + 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(t, x), 2 * x + 1)
+    assert torch.equal(t, torch.full((3,), 2.0)), "the compiled call writes t as well"
 
 
 def test_activation_sparse_path_traces_whole_and_matches_eager(fake_cusparselt):

@@ -61,6 +61,7 @@ def _interpreter_worker(inputs, outputs):
     for name, (fn, args, kwargs) in torch.load(inputs).items():
         try:
             results[name] = getattr(prune_compress, fn)(*args, **kwargs)
+            results[f"{name}:args"] = args  # as the call left them (some kernels write into their inputs)
         except Exception as e:  # noqa: BLE001 - reported by the test that asked for this call
             results[name] = f"{type(e).__name__}: {e}"
     torch.save(results, outputs)
@@ -138,6 +139,7 @@ def interpreted(tmp_path_factory):
     runner.add("values", "compress_pruned", w * mask)
     runner.add("meta", "prune_compress_transposable", _weights(128, 192, torch.bfloat16, "random", seed=3))
     runner.add("huge", "prune_compress_transposable", _huge_weights())
+    runner.add("into", "prune_compress_into", *_into_case())
     runner.run(tmp_path_factory.mktemp("interpreter"))
     return runner
 
@@ -172,6 +174,28 @@ def test_mask_and_values_modes_equal_torch_reference(interpreted):
     assert torch.equal(_bits(c2), _bits(c)) and torch.equal(_bits(c2_t), _bits(c_t))
     c3, none = interpreted["mask-no-t"]
     assert none is None and torch.equal(_bits(c3), _bits(c))
+
+
+def _into_case():
+    """A weight, the mask of the step before (that of a perturbed copy) and a flip count that had 5."""
+    w = _weights(128, 192, torch.bfloat16, "random", seed=11)
+    noise = _weights(128, 192, torch.bfloat16, "random", seed=12)
+    previous = mask_24_transposable((w + 0.5 * noise).abs())
+    return w, previous, torch.tensor(5, dtype=torch.int64)
+
+
+def test_prune_into_overwrites_the_mask_and_counts_the_flips_in_the_same_launch(interpreted):
+    w, previous, _ = _into_case()
+    c, c_t = interpreted["into"]
+    _, mask, flips = interpreted["into:args"]
+    ref_mask = mask_24_transposable(w.abs())
+    assert torch.equal(mask, ref_mask)
+    changed = int((previous ^ ref_mask).sum())
+    assert 0 < changed < w.numel() // 2, "the case must have some flips and not only flips"
+    assert int(flips) == 5 + changed
+    masked = w * ref_mask
+    assert torch.equal(_bits(c), _bits(_cslt_reference(masked)))
+    assert torch.equal(_bits(c_t), _bits(_cslt_reference(masked.t().contiguous())))
 
 
 def _huge_weights():
@@ -279,6 +303,22 @@ def test_gpu_mask_and_values_modes_equal_cslt_compress(kind):
     for c, c_t in (kernels.compress_masked(w, mask), kernels.compress_pruned(masked)):
         assert torch.equal(_bits(c), _bits(ref))
         assert torch.equal(_bits(c_t), _bits(ref_t))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(4096, 1024), (192, 320)])
+def test_gpu_prune_into_equals_cslt_compress_and_counts_the_flips(m, k):
+    kernels = _gpu_kernels()
+    w = _weights(m, k, torch.bfloat16, "random", seed=3, device="cuda")
+    previous = mask_24_transposable((w + 0.5 * torch.randn_like(w)).abs())
+    mask, flips = previous.clone(), torch.tensor(7, dtype=torch.int64, device="cuda")
+    c, c_t = kernels.prune_compress_into(w, mask, flips)
+    ref_mask = mask_24_transposable(w.abs())
+    assert torch.equal(mask, ref_mask)
+    assert int(flips) == 7 + int((previous ^ ref_mask).sum())
+    masked = w * ref_mask
+    assert torch.equal(_bits(c), _bits(torch._cslt_compress(masked)))
+    assert torch.equal(_bits(c_t), _bits(torch._cslt_compress(masked.t().contiguous())))
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand_block_mask, set_block_level
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
@@ -115,6 +116,37 @@ def test_apply_phase_follows_the_schedule():
     assert sparse.sparse_active.item() and not sparse.mask_frozen.item() and sparse.mask_step.item() == 2
     sparse.apply_phase(schedule.phase(3), 3)
     assert sparse.mask_frozen.item() and sparse.mask_step.item() == 2
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops a block of code issues (each one a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_steady_phase_issues_at_most_the_mask_step_fill():
+    sparse = SparseLinear.from_dense(seeded_linear(), Semi24Config(), "fc")
+    schedule = PruneSchedule(kind="one_shot", pattern="semi24", prune_step=2)
+    every_step = PruneSchedule(kind="constant", pattern="semi24")
+    sparse.apply_phase(schedule.phase(3), 3)  # frozen from here on
+    with RecordOps() as frozen:
+        sparse.apply_phase(schedule.phase(4), 4)
+    sparse.apply_phase(every_step.phase(5), 5)
+    with RecordOps() as updating:
+        sparse.apply_phase(every_step.phase(6), 6)
+    assert frozen.ops == [] and updating.ops == ["fill_"]
+    assert not sparse.mask_frozen.item() and sparse.mask_step.item() == 6
+    state = sparse.state_dict()
+    state["sparse_active"].fill_(False)
+    sparse.load_state_dict(state)  # the Python flags follow the loaded buffers
+    sparse.apply_phase(every_step.phase(7), 7)
+    assert sparse.sparse_active.item()
 
 
 def test_conv1x1_equals_conv2d_with_masked_weight_in_both_layouts():

@@ -223,14 +223,29 @@ def _natural(x):
 
 
 @triton.jit
-def _store_rows(ptr, word, grow, ggroup, bi, bj, a: tl.constexpr, K, COALESCE: tl.constexpr):
-    """Store one 32-bit word per (tile row, tile column) of row a of every tile, row-major (m, k/4)."""
+def _row_ptrs(ptr, grow, ggroup, bi, bj, a: tl.constexpr, K, COALESCE: tl.constexpr):
+    """Where row a of every tile goes, one 32-bit word per (tile row, tile column), row-major (m, k/4):
+    in natural tile order when COALESCE (pair with `_in_row_order`), else in (u, v) order."""
     if COALESCE:
         n = tl.arange(0, 16)
         rows = bi * 64 + 4 * n[:, None] + a
-        tl.store(ptr + rows.to(tl.int64) * (K // 4) + bj * 16 + n[None, :], _natural(word))
+        return ptr + rows.to(tl.int64) * (K // 4) + bj * 16 + n[None, :]
     else:
-        tl.store(ptr + grow.to(tl.int64) * (K // 4) + ggroup, word)
+        return ptr + grow.to(tl.int64) * (K // 4) + ggroup
+
+
+@triton.jit
+def _in_row_order(word, COALESCE: tl.constexpr):
+    if COALESCE:
+        return _natural(word)
+    else:
+        return word
+
+
+@triton.jit
+def _store_rows(ptr, word, grow, ggroup, bi, bj, a: tl.constexpr, K, COALESCE: tl.constexpr):
+    """Store one 32-bit word per (tile row, tile column) of row a of every tile, row-major (m, k/4)."""
+    tl.store(_row_ptrs(ptr, grow, ggroup, bi, bj, a, K, COALESCE), _in_row_order(word, COALESCE))
 
 
 @triton.jit
@@ -263,9 +278,18 @@ def _col_out(vals_ptr, meta_ptr, chunk_base, x0, x1, x2, x3, k0, k1, k2, k3,
 
 
 @triton.jit
-def _store_mask_row(mask_ptr, grow, ggroup, bi, bj, a: tl.constexpr, K, k0, k1, k2, k3, COALESCE: tl.constexpr):
-    word = k0 | (k1 << 8) | (k2 << 16) | (k3 << 24)
-    _store_rows(mask_ptr, word, grow, ggroup, bi, bj, a, K, COALESCE)
+def _store_mask_row(mask_ptr, grow, ggroup, bi, bj, a: tl.constexpr, K, k0, k1, k2, k3, COALESCE: tl.constexpr,
+                    COUNT_FLIPS: tl.constexpr):
+    """Store row a of every tile's bool mask (4 bytes a word); return how many entries changed from what
+    the mask held there before when COUNT_FLIPS (this program owns these bytes: no race), else 0."""
+    ptrs = _row_ptrs(mask_ptr, grow, ggroup, bi, bj, a, K, COALESCE)
+    word = _in_row_order(k0 | (k1 << 8) | (k2 << 16) | (k3 << 24), COALESCE)
+    flips = 0
+    if COUNT_FLIPS:
+        changed = (tl.load(ptrs) ^ word) & 0x01010101  # a bool byte is 0 or 1
+        flips = tl.sum((changed & 0xFF) + ((changed >> 8) & 0xFF) + ((changed >> 16) & 0xFF) + (changed >> 24))
+    tl.store(ptrs, word)
+    return flips
 
 
 @triton.jit
@@ -275,9 +299,9 @@ def _load_keep(mask_ptr, rows, cols, K, T: tl.constexpr):
 
 
 @triton.jit
-def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr, M, K,
+def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr, flips_ptr, M, K,
                            MODE: tl.constexpr, WRITE_T: tl.constexpr, WRITE_MASK: tl.constexpr,
-                           COALESCE: tl.constexpr):
+                           COUNT_FLIPS: tl.constexpr, COALESCE: tl.constexpr):
     T: tl.constexpr = 16  # tiles per block side
     bi = tl.program_id(0)
     bj = tl.program_id(1)
@@ -334,10 +358,12 @@ def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr,
         _col_out(vals_t_ptr, meta_t_ptr, chunk_t, x03, x13, x23, x33, k03, k13, k23, k33, col0 + 3, grp_t, 4 * tj + 3, ti, bi, bj, 3, M, T, COALESCE)
 
     if WRITE_MASK:
-        _store_mask_row(mask_out_ptr, row0 + 0, grp, bi, bj, 0, K, k00, k01, k02, k03, COALESCE)
-        _store_mask_row(mask_out_ptr, row0 + 1, grp, bi, bj, 1, K, k10, k11, k12, k13, COALESCE)
-        _store_mask_row(mask_out_ptr, row0 + 2, grp, bi, bj, 2, K, k20, k21, k22, k23, COALESCE)
-        _store_mask_row(mask_out_ptr, row0 + 3, grp, bi, bj, 3, K, k30, k31, k32, k33, COALESCE)
+        flips = _store_mask_row(mask_out_ptr, row0 + 0, grp, bi, bj, 0, K, k00, k01, k02, k03, COALESCE, COUNT_FLIPS)
+        flips += _store_mask_row(mask_out_ptr, row0 + 1, grp, bi, bj, 1, K, k10, k11, k12, k13, COALESCE, COUNT_FLIPS)
+        flips += _store_mask_row(mask_out_ptr, row0 + 2, grp, bi, bj, 2, K, k20, k21, k22, k23, COALESCE, COUNT_FLIPS)
+        flips += _store_mask_row(mask_out_ptr, row0 + 3, grp, bi, bj, 3, K, k30, k31, k32, k33, COALESCE, COUNT_FLIPS)
+        if COUNT_FLIPS:
+            tl.atomic_add(flips_ptr, flips.to(tl.int64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,13 +385,14 @@ def _compressed_empty(m: int, k: int, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(m, k // 2 + k // 16, dtype=like.dtype, device=like.device)
 
 
-def _launch(w, mask, mode, transposed, want_mask):
+def _launch(w, mask, mode, transposed, want_mask, mask_out=None, flips=None):
     _check(w)
     w = w.contiguous()
     m, k = w.shape
     out = _compressed_empty(m, k, w)
     out_t = _compressed_empty(k, m, w) if transposed else out
-    mask_out = torch.empty(m, k, dtype=torch.bool, device=w.device) if want_mask else out
+    if mask_out is None and want_mask:
+        mask_out = torch.empty(m, k, dtype=torch.bool, device=w.device)
     mask_in = w
     if mode == MODE_MASK:
         if mask is None or mask.shape != w.shape:
@@ -374,9 +401,11 @@ def _launch(w, mask, mode, transposed, want_mask):
     grid = (m // BLOCK, k // BLOCK)
     _prune_compress_kernel[grid](
         w, mask_in, out.view(torch.int32), out_t.view(torch.int32),
-        mask_out.view(torch.int32) if want_mask else out.view(torch.int32), m, k,
-        MODE=mode, WRITE_T=transposed, WRITE_MASK=want_mask, COALESCE=COALESCE, num_warps=NUM_WARPS)
-    return out, (out_t if transposed else None), (mask_out if want_mask else None)
+        out.view(torch.int32) if mask_out is None else mask_out.view(torch.int32),
+        out if flips is None else flips, m, k,
+        MODE=mode, WRITE_T=transposed, WRITE_MASK=mask_out is not None, COUNT_FLIPS=flips is not None,
+        COALESCE=COALESCE, num_warps=NUM_WARPS)
+    return out, (out_t if transposed else None), mask_out
 
 
 def prune_compress_transposable(w: torch.Tensor, want_mask: bool = True):
@@ -387,6 +416,22 @@ def prune_compress_transposable(w: torch.Tensor, want_mask: bool = True):
     unless asked for.
     """
     return _launch(w, None, MODE_PRUNE, True, want_mask)
+
+
+def prune_compress_into(w: torch.Tensor, mask: torch.Tensor, flips: torch.Tensor):
+    """prune_compress_transposable that writes the new mask over `mask` in place and adds the number of
+    entries that changed to `flips`, in the same launch: a training step's mask refresh without the
+    torch ops (xor, count, add, copy) that cost four more launches and ~5 passes over the mask.
+
+    mask: contiguous bool, w's shape, holding the previous mask. flips: int64 scalar on w's device.
+    Returns (c, c_t) as prune_compress_transposable does.
+    """
+    if mask.dtype != torch.bool or mask.shape != w.shape or not mask.is_contiguous():
+        raise ValueError(f"mask must be a contiguous bool tensor of the weight's shape {tuple(w.shape)}")
+    if flips.dtype != torch.int64 or flips.numel() != 1 or flips.device != w.device:
+        raise ValueError("flips must be a one-element int64 tensor on the weight's device")
+    c, c_t, _ = _launch(w, None, MODE_PRUNE, True, True, mask_out=mask, flips=flips)
+    return c, c_t
 
 
 def compress_masked(w: torch.Tensor, mask: torch.Tensor, transposed: bool = True):

@@ -73,6 +73,15 @@ class Backend(ABC):
         else the given bool mask (weight's shape; row-wise masks come this way). No autograd.
         """
 
+    def refresh_weight(self, weight: Tensor, mask: Tensor, flips: Tensor, need_input_grad: bool = True) -> PreparedWeight:
+        """A training step's mask refresh: prune `weight` to its transposable 2:4 mask, written over `mask`
+        (the layer's buffer) in place, add the number of entries that changed to `flips` (int64 scalar),
+        and return the GEMM operands. No autograd, no sync."""
+        new_mask, prepared = self.prepare_weight(weight, None, need_input_grad)
+        flips.add_(torch.count_nonzero(mask ^ new_mask))
+        mask.copy_(new_mask)
+        return prepared
+
     @abstractmethod
     def linear(self, x2d: Tensor, prepared: PreparedWeight, bias: Tensor | None) -> Tensor:
         """Y = X @ W_s^T + b; `bias` (out,) is in the output dtype."""
@@ -258,6 +267,13 @@ class CuSparseLtBackend(Backend):
             operand = w_masked
         return mask, PreparedWeight(self._compress(w_masked), operand, weight, mask)
 
+    def refresh_weight(self, weight, mask, flips, need_input_grad=True):
+        if self.compress_route != "kernel":
+            return super().refresh_weight(weight, mask, flips, need_input_grad)
+        # The kernel writes the mask and counts the flips itself: no xor, count, add and copy launches.
+        compressed, compressed_t = fused_prune_compress_into(weight, mask, flips)
+        return PreparedWeight(compressed, compressed_t if need_input_grad else None, weight, mask)
+
     @staticmethod
     def _prepare_with_kernel(weight: Tensor, mask: Tensor | None,
                              need_input_grad: bool) -> tuple[Tensor, PreparedWeight]:
@@ -356,6 +372,14 @@ def fused_prune_compress(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The fused kernel's prune mode: W_s and W_s^T compressed, and the mask of |w|."""
     from sparsetrain.kernels import prune_compress_transposable
     return prune_compress_transposable(w, want_mask=True)
+
+
+@opaque_op("cslt_prune_compress_into", lambda w, mask, flips: (_compressed_like(w), _compressed_like(w.t())),
+           mutates=("mask", "flips"))
+def fused_prune_compress_into(w: Tensor, mask: Tensor, flips: Tensor) -> tuple[Tensor, Tensor]:
+    """The fused kernel's prune mode writing the layer's mask in place and counting its flips."""
+    from sparsetrain.kernels import prune_compress_into
+    return prune_compress_into(w, mask, flips)
 
 
 @opaque_op("cslt_compress_masked", lambda w, mask: _compressed_like(w))

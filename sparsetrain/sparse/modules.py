@@ -280,15 +280,20 @@ class SparseGemmLayer(nn.Module):
         with torch.no_grad():
             self._store_mask(self._fresh_mask(), step=None)
 
+    # The flag buffers are written only when the flag changes: the schedule calls these every step, and a
+    # fill is a kernel launch (~5-10 us of host time each in eager). The Python mirrors stay exact, as
+    # loading a state dict re-reads them from the buffers.
     def set_active(self, active: bool) -> None:
         """False: forward runs the plain dense op (dense phases of the schedule)."""
-        self._active = bool(active)
-        self.sparse_active.fill_(self._active)
+        if bool(active) != self._active:
+            self._active = bool(active)
+            self.sparse_active.fill_(self._active)
 
     def set_mask_frozen(self, frozen: bool) -> None:
         """True: forward uses the stored mask as is (no 2:4 refresh, no score-driven block mask)."""
-        self._frozen = bool(frozen)
-        self.mask_frozen.fill_(self._frozen)
+        if bool(frozen) != self._frozen:
+            self._frozen = bool(frozen)
+            self.mask_frozen.fill_(self._frozen)
 
     def apply_phase(self, phase: Phase, step: int) -> None:
         """Apply one step of a PruneSchedule; call it before that step's forward. No device sync.
@@ -348,13 +353,12 @@ class SparseGemmLayer(nn.Module):
         """This forward's GEMM operands of w; a training forward refreshes the 2:4 mask first.
 
         A transposable refresh is the backend's own pruning (on sm90 with cuSPARSELt: one kernel
-        launch that writes the mask and W_s, W_s^T compressed); a row-wise one uses masks.py here.
+        launch that overwrites the mask, counts its flips and writes W_s, W_s^T compressed); a
+        row-wise one uses masks.py here.
         """
         refresh = self.training and not self._frozen
         if refresh and self.sparse_config.transposable:
-            mask, prepared = backend.prepare_weight(w, None, need_input_grad)
-            self._store_mask(mask, step=None)
-            return prepared
+            return backend.refresh_weight(w, self.mask, self.flip_count, need_input_grad)
         if refresh:
             self._store_mask(self._fresh_mask(w), step=None)
         return backend.prepare_weight(w, self.mask, need_input_grad)[1]

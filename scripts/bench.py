@@ -701,14 +701,17 @@ def _train_py_images_per_s(sparsity: str, compile_mode: str | None, root: pathli
     return json.loads((root / "vit_l_24" / run_name / "summary.json").read_text())["images_per_second"]
 
 
+# Section i's modes: train.py's `compile:` value per row (None: eager). --train-modes picks.
+TRAIN_MODES = {"eager": None, "default": "default", "reduce-overhead": "reduce-overhead"}
+
+
 def section_i(t: Timer, quick: bool) -> list[dict]:
     """The ViT-L step through `train.py` (images/s from summary.json) vs the bare loop, same mode and batch
-    (--quick: the 2:4 recipe, eager only)."""
+    (--quick: the 2:4 recipe only)."""
     import tempfile
     rows = []
-    modes = [None] if quick else [None, "default"]
     with tempfile.TemporaryDirectory() as root:
-        for compile_mode in modes:
+        for compile_mode in TRAIN_MODES.values():
             for sparsity in ("semi24",) if quick else ("semi24", "dense"):
                 try:
                     through = _train_py_images_per_s(sparsity, compile_mode, pathlib.Path(root))
@@ -896,14 +899,20 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({','.join(SECTIONS)})")
     parser.add_argument("--step-modes", default=",".join(STEP_MODES),
                         help=f"section h's compiled modes ({','.join(STEP_MODES)})")
+    parser.add_argument("--train-modes", default="eager,default",
+                        help=f"section i's train.py compile modes ({','.join(TRAIN_MODES)})")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU", file=sys.stderr)
         return 2
     timer = Timer(args.quick)
-    for mode in set(STEP_MODES) - set(args.step_modes.split(",")):
-        del STEP_MODES[mode]
+    for modes, wanted in ((STEP_MODES, args.step_modes), (TRAIN_MODES, args.train_modes)):
+        unknown = set(wanted.split(",")) - set(modes)
+        if unknown:
+            parser.error(f"unknown mode(s) {sorted(unknown)}; use some of {','.join(modes)}")
+        for mode in set(modes) - set(wanted.split(",")):
+            del modes[mode]
     report = {"environment": environment(), "argv": sys.argv[1:], "sections": {}}
     print(json.dumps(report["environment"]), flush=True)
     for key in [s.strip() for s in args.only.split(",") if s.strip()]:

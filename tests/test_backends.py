@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import logging
 import warnings
 
@@ -310,8 +311,9 @@ class FakeKernels:
 
 
 @pytest.fixture
-def fake_cusparselt(monkeypatch):
+def fake_cusparselt(monkeypatch, tmp_path):
     fake = FakeCuSparseLt()
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path / "cache"))  # an empty algorithm file
     monkeypatch.setattr(torch, "_cslt_compress", fake.compress, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", fake.sparse_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake.search, raising=False)
@@ -485,6 +487,46 @@ def test_broken_searched_algorithm_falls_back_to_0(fake_cusparselt):
         warnings.simplefilter("error")
         backend.linear(x, prepared, None)  # cached: no second search, no warning
     assert list(backends._ALGORITHMS.values()) == [0]
+
+
+def run_linear_once(rows=16):
+    backend = CuSparseLtBackend(sparse_input_grad=False, plans=False)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    _, prepared = backend.prepare_weight(w, mask_24(w.abs()), need_input_grad=False)
+    return backend.linear(torch.randn(rows, 128).bfloat16(), prepared, None)
+
+
+def test_a_chosen_algorithm_is_stored_and_a_new_process_checks_it_instead_of_searching(fake_cusparselt, monkeypatch):
+    run_linear_once()
+    stored = json.loads(backends.ALGORITHM_FILE.path.read_text())
+    assert list(stored.values()) == [7] and len(fake_cusparselt.searches) == 1
+    key = next(iter(stored))
+    assert key.startswith("64x72|128x16|") and f"torch{torch.__version__}" in key and "|cpu|" in key
+    monkeypatch.setattr(backends, "_ALGORITHMS", {})  # a new process
+    fake_cusparselt.algorithms_run.clear()
+    run_linear_once()
+    assert len(fake_cusparselt.searches) == 1, "the stored choice spares the search"
+    assert fake_cusparselt.algorithms_run == [7, 7], "checked against masked dense once, then run"
+
+
+def test_a_stored_algorithm_that_fails_its_check_is_searched_again(fake_cusparselt, monkeypatch):
+    run_linear_once()
+    key = next(iter(json.loads(backends.ALGORITHM_FILE.path.read_text())))
+    backends.ALGORITHM_FILE.persist(key, BROKEN_ALGORITHM)
+    monkeypatch.setattr(backends, "_ALGORITHMS", {})
+    with pytest.warns(UserWarning, match="searching again"):
+        run_linear_once()
+    assert len(fake_cusparselt.searches) == 2
+    assert json.loads(backends.ALGORITHM_FILE.path.read_text()) == {key: 7}
+
+
+def test_a_damaged_algorithm_file_means_searching_not_failing(fake_cusparselt, caplog):
+    path = backends.ALGORITHM_FILE.path
+    path.parent.mkdir(parents=True)
+    path.write_text("[1, 2")
+    run_linear_once()
+    assert "ignoring" in caplog.text and len(fake_cusparselt.searches) == 1
+    assert list(json.loads(path.read_text()).values()) == [7]
 
 
 class TestPlanCacheChoice:

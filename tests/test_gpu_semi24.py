@@ -4,6 +4,7 @@ torch 2.11 or newer; the sm90-only checks skip elsewhere.
 
     pytest -q -m gpu tests/test_gpu_semi24.py
 """
+import json
 import warnings
 
 import pytest
@@ -165,8 +166,9 @@ def test_weight_sparse_linear_token_counts_and_fp16(dtype, tokens):
         assert_close_rel(f"{tokens} tokens {dtype} {what}", g, e)
 
 
-def test_searched_algorithms_pass_verification(monkeypatch):
+def test_searched_algorithms_pass_verification(monkeypatch, tmp_path):
     monkeypatch.setattr(backends, "_ALGORITHMS", {})
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))  # no stored choices: search
     backend = CuSparseLtBackend(sparse_input_grad=True)
     x = cpu_randn(64 * 197, 1024, seed=5, dtype=torch.bfloat16).cuda().requires_grad_()
     w = cpu_randn(4096, 1024, seed=6, dtype=torch.bfloat16).cuda()
@@ -177,6 +179,7 @@ def test_searched_algorithms_pass_verification(monkeypatch):
     assert len(backends._ALGORITHMS) == 2, f"expected forward + input-grad entries, got {backends._ALGORITHMS}"
     # Results stay right with algorithm 0, but slower: a fallback here is worth a bug report upstream.
     assert not fallbacks, fallbacks
+    assert len(json.loads(backends.ALGORITHM_FILE.path.read_text())) == 2, "the choices are stored"
 
 
 # ---- activation sparsity: cuSPARSELt equals emulated on the same GPU ----

@@ -4,8 +4,8 @@ A configuration is (BLOCK_M, num_warps, num_stages). Its key is the operation, t
 the block size, the dtype, the fused epilogue, the rows rounded up to a power of two, the kept
 fraction of blocks rounded to a bucket, the GPU and the Triton version. The first call with a new
 key times every candidate on its real operands (`triton.testing.do_bench`, median) and keeps the
-fastest. Choices are kept in memory and in $SPARSETRAIN_CACHE/bsr-autotune.json (default
-~/.cache/sparsetrain, where the cuSPARSELt plan cache is built too), so a new process starts tuned.
+fastest. Choices are kept in memory and in bsr-autotune.json of the cache directory (`sparsetrain.choice_cache`:
+$SPARSETRAIN_CACHE, default ~/.cache/sparsetrain), so a new process starts tuned.
 
 Timing cannot happen inside CUDA graph capture: there an untuned key runs DEFAULT (and says so
 once). Run one eager step before capturing.
@@ -13,9 +13,7 @@ once). Run one eager step before capturing.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import pathlib
 import threading
 from collections.abc import Callable
@@ -24,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
+
+from sparsetrain.choice_cache import ChoiceFile, device_label
 
 logger = logging.getLogger("sparsetrain")
 
@@ -56,12 +56,6 @@ def density_bucket(density: float) -> float:
     return min(DENSITY_BUCKETS, key=lambda bucket: abs(bucket - density))
 
 
-@functools.cache
-def _device_name(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
-
-
 @dataclass(frozen=True)
 class TuningKey:
     text: str
@@ -74,7 +68,7 @@ class TuningKey:
         epilogue = "+".join(["bias"] * bias + ["gelu"] * gelu) or "none"
         return cls(f"{operation}|{weight_shape[0]}x{weight_shape[1]}|b{block_size}|"
                    f"density{density_bucket(density)}|rows{rows_bucket}|{str(dtype).removeprefix('torch.')}|"
-                   f"{epilogue}|{_device_name(device)}|triton{triton.__version__}")
+                   f"{epilogue}|{device_label(device)}|triton{triton.__version__}")
 
 
 _lock = threading.Lock()
@@ -82,20 +76,18 @@ _entries: dict[str, KernelConfig] | None = None
 _warned_capture: set[str] = set()
 
 
+_FILE = ChoiceFile(CACHE_FILE, "block-sparse tuning")
+
+
 def cache_path() -> pathlib.Path:
-    root = pathlib.Path(os.environ.get("SPARSETRAIN_CACHE", pathlib.Path.home() / ".cache" / "sparsetrain"))
-    return root / CACHE_FILE
+    return _FILE.path
 
 
 def _read_file() -> dict[str, KernelConfig]:
-    path = cache_path()
     try:
-        stored = json.loads(path.read_text())
-        return {key: KernelConfig(**value) for key, value in stored.items()}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, TypeError) as error:  # a damaged file costs a re-tune, never a failed run
-        logger.warning("ignoring %s (%s); block-sparse kernels will be re-tuned", path, error)
+        return {key: KernelConfig(**value) for key, value in _FILE.read().items()}
+    except TypeError as error:  # entries of another shape: re-tune rather than fail
+        logger.warning("ignoring %s (%s); block-sparse kernels will be re-tuned", cache_path(), error)
         return {}
 
 
@@ -107,17 +99,7 @@ def _memory() -> dict[str, KernelConfig]:
 
 
 def _persist(key: str, config: KernelConfig) -> None:
-    """Merge one entry into the file (re-read first: other processes may have tuned other keys)."""
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {k: asdict(v) for k, v in _read_file().items()}
-        merged[key] = asdict(config)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a reader sees the old file or the new one
-    except OSError as error:
-        logger.warning("could not save block-sparse tuning to %s (%s); it holds for this process only", path, error)
+    _FILE.persist(key, asdict(config))
 
 
 def tune(run: Callable[[KernelConfig], None]) -> tuple[KernelConfig, dict[KernelConfig, float]]:

@@ -21,6 +21,8 @@ import threading
 
 import torch
 
+from sparsetrain.choice_cache import cache_dir
+
 _SOURCE = pathlib.Path(__file__).with_name("cslt_plans.cpp")
 _lock = threading.Lock()
 _lib = None
@@ -51,7 +53,7 @@ def _build() -> pathlib.Path:
     cusparse_include = _find("cusparse.h", [cuda_home / "include"] + [s / sub / "include" for s in sites
                                                                         for sub in ("cu13", "cu12", "cusparse")])
     tag = hashlib.sha256(_SOURCE.read_bytes() + str(lt_lib).encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("SPARSETRAIN_CACHE", pathlib.Path.home() / ".cache" / "sparsetrain"))
+    cache = cache_dir()
     target = cache / f"cslt_plans-{tag}.so"
     if target.exists():
         return target

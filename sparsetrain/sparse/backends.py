@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsetrain.choice_cache import ChoiceFile, device_label
 from sparsetrain.sparse.layout_sm90 import compress_sm90
 from sparsetrain.sparse.masks import mask_24_transposable
 from sparsetrain.sparse.ops import opaque_op
@@ -36,8 +37,10 @@ PLANS_ENV = "SPARSETRAIN_CSLT_PLANS"  # "1": plan cache, "0": torch._cslt_sparse
 _DENSE_ROW_MULTIPLE = 16  # token rows of a dense cuSPARSELt operand
 _SPARSE_ROW_MULTIPLE = 64  # token rows of a sparse (compressed) operand: the sm90 tile size
 
-# (sparse shape, dense shape, dense contiguous, transpose_result, dtype, device) -> algorithm id.
+# (sparse shape, dense shape, dense contiguous, transpose_result, dtype, device) -> algorithm id, as this
+# process verified it. The file keeps the choices across processes (see _choose_algorithm).
 _ALGORITHMS: dict[tuple, int] = {}
+ALGORITHM_FILE = ChoiceFile("cslt-algorithms.json", "cuSPARSELt algorithm choices")
 
 
 @dataclass(frozen=True)
@@ -191,27 +194,52 @@ def _algorithm_key(compressed: Tensor, dense_shape, dense_contiguous: bool, tran
             compressed.dtype, compressed.device)
 
 
-def _search_and_verify(compressed: Tensor, dense: Tensor, transpose_result: bool, key: tuple, mm: MatMul,
-                       reference: Callable[[], Tensor]) -> int:
+def _algorithm_text(key: tuple) -> str:
+    """`key` as the algorithm file spells it, with the GPU and the versions the choice holds for."""
+    sparse, dense, dense_contiguous, transpose_result, dtype, device = key
+    return (f"{sparse[0]}x{sparse[1]}|{dense[0]}x{dense[1]}|{'contiguous' if dense_contiguous else 'transposed'}|"
+            f"{'transpose_result' if transpose_result else 'result'}|{str(dtype).removeprefix('torch.')}|"
+            f"{device_label(device)}|torch{torch.__version__}|cusparselt{torch.backends.cusparselt.version()}")
+
+
+def _algorithm_error(algorithm: int, compressed: Tensor, dense: Tensor, transpose_result: bool, mm: MatMul,
+                     reference: Callable[[], Tensor]) -> float:
+    return _relative_error(mm(compressed, dense, transpose_result, algorithm), reference())
+
+
+def _choose_algorithm(compressed: Tensor, dense: Tensor, transpose_result: bool, key: tuple, mm: MatMul,
+                      reference: Callable[[], Tensor]) -> int:
+    """The algorithm for `key`: the one stored for this GPU and these versions if it still matches the
+    reference (checked once per process: it is one GEMM), else searched, checked and stored now."""
+    text = _algorithm_text(key)
+    stored = ALGORITHM_FILE.read().get(text)
+    if isinstance(stored, int):
+        error = _algorithm_error(stored, compressed, dense, transpose_result, mm, reference)
+        if error < ALGORITHM_MAX_REL_ERROR:
+            return stored
+        warnings.warn(f"cuSPARSELt algorithm {stored}, stored in {ALGORITHM_FILE.path} for {text}, is off by "
+                      f"{error:.3g} relative to masked dense now; searching again")
     algorithm = int(torch._cslt_sparse_mm_search(compressed, dense, transpose_result=transpose_result))
-    error = _relative_error(mm(compressed, dense, transpose_result, algorithm), reference())
-    if error < ALGORITHM_MAX_REL_ERROR:
-        return algorithm
-    warnings.warn(f"cuSPARSELt algorithm {algorithm} (searched) is off by {error:.3g} relative to masked "
-                  f"dense for {key}; this shape uses algorithm 0. Report it with your torch and GPU versions.")
-    return 0
+    error = _algorithm_error(algorithm, compressed, dense, transpose_result, mm, reference)
+    if error >= ALGORITHM_MAX_REL_ERROR:
+        warnings.warn(f"cuSPARSELt algorithm {algorithm} (searched) is off by {error:.3g} relative to masked "
+                      f"dense for {text}; this shape uses algorithm 0. Report it with your torch and GPU versions.")
+        algorithm = 0
+    ALGORITHM_FILE.persist(text, algorithm)
+    return algorithm
 
 
 def _sparse_mm(compressed: Tensor, dense: Tensor, transpose_result: bool, mm: MatMul,
                reference: Callable[[], Tensor] | None, bias: Tensor | None = None) -> Tensor:
-    """`mm` with the algorithm searched once per shape and layout.
+    """`mm` with the algorithm chosen once per shape and layout (searched once per machine: see
+    `_choose_algorithm`).
 
-    A newly searched algorithm is trusted only after it matches `reference()` (masked dense, no bias),
-    run through `mm` itself. Without a reference an unseen shape runs algorithm 0, cuSPARSELt's default.
+    An algorithm is trusted only after it matches `reference()` (masked dense, no bias), run through
+    `mm` itself. Without a reference an unseen shape runs algorithm 0, cuSPARSELt's default.
     """
     key = _algorithm_key(compressed, dense.shape, dense.is_contiguous(), transpose_result)
     if key not in _ALGORITHMS and reference is not None and compressed.dtype in SEARCHABLE_DTYPES:
-        _ALGORITHMS[key] = _search_and_verify(compressed, dense, transpose_result, key, mm, reference)
+        _ALGORITHMS[key] = _choose_algorithm(compressed, dense, transpose_result, key, mm, reference)
     return mm(compressed, dense, transpose_result, _ALGORITHMS.get(key, 0), bias)
 
 

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_issue5.sh 1   GPU tests of the compile path and fast path; bench c,f,g,h
 #   bash scripts/gpu_issue5.sh 2   bench c,f again (after fixes), i (train.py, 2:4 eager), p (profile)
 #   bash scripts/gpu_issue5.sh 3   every GPU test; bench c, d (after the flip count moved into the prune
-#                                  kernel); host profile of train.py vs the bare loop
+#                                  kernel), f (activation 2:4 on the fused kernel); host profile of train.py
 #   bash scripts/gpu_issue5.sh 4   bench i (train.py vs bare loop, eager and reduce-overhead), h (steps)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ case "${1:-1}" in
      bench i 80 --quick
      bench p 30 --quick ;;
   3) bash scripts/gpu_tests.sh
-     bench c,d 90 --quick
+     bench c,d,f 130 --quick
      echo "=== profile train.py ($(date +%T))"
      timeout 120 python3 scripts/profile_host.py trainpy --top 40 -- recipe=vit_l_24 data=synthetic \
        data.batch_size=64 data.train_size=1920 data.num_workers=6 trainer.max_steps=30 trainer.limit_val_batches=1 \

@@ -14,7 +14,7 @@ from sparsetrain.sparse.backends import CuSparseLtBackend, EmulatedBackend, reso
 from sparsetrain.sparse.config import Semi24Config
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.layout_sm90 import compress_sm90, decompress_sm90
-from sparsetrain.sparse.masks import mask_24, mask_24_transposable
+from sparsetrain.sparse.masks import mask_24, mask_24_activations, mask_24_transposable
 from sparsetrain.sparse.modules import SparseLinear
 
 HALF = [torch.bfloat16, torch.float16]
@@ -168,8 +168,9 @@ class TestResolveBackend:
             resolve_backend("auto", 4096, 1024, "cpu", torch.bfloat16, True, compress="tile")
         with pytest.raises(ValueError, match="'cslt', 'direct'"):
             CuSparseLtBackend(sparse_input_grad=True, compress="tile")
-        with pytest.raises(ValueError, match="use compress='cslt' for a row-wise mask"):
-            CuSparseLtBackend(sparse_input_grad=False, compress="kernel")
+        w = torch.randn(64, 128).bfloat16()
+        with pytest.raises(ValueError, match="use compress='cslt' for a row-wise weight mask"):
+            CuSparseLtBackend(sparse_input_grad=False, compress="kernel").prepare_weight(w, mask_24(w.abs()))
 
 
 @pytest.fixture
@@ -195,7 +196,14 @@ class TestResolveBackendOnCuda:
         backend, reason = resolve_backend("cusparselt", 4096, 1024, "cuda:0", torch.float16, False)
         assert not backend.sparse_input_grad and backend.compress_route == "cslt"
         assert "input grad dense (mask not transposable)" in reason
-        assert reason.endswith("compress: cslt (the fused kernel is for transposable masks)")
+        assert reason.endswith("compress: cslt (the fused kernel prunes transposable weight masks)")
+
+    @pytest.mark.parametrize("transposable", [False, True])
+    def test_activation_layers_take_the_fused_kernel_with_either_mask(self, pretend_cuda, transposable):
+        backend, reason = resolve_backend("auto", 1024, 4096, "cuda", torch.bfloat16, transposable, activations=True)
+        assert backend.compress_route == ("cslt" if triton_missing else "kernel")
+        weight_grad = "2:4 too (transposable mask)" if transposable else "dense"
+        assert reason.startswith(f"cuSPARSELt: forward 2:4 on the pruned input activations, weight grad {weight_grad}")
 
     def test_fused_kernel_only_on_sm90(self, pretend_cuda):
         pretend_cuda.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -304,6 +312,14 @@ class FakeKernels:
         w_masked = w * mask
         return compress_sm90(w_masked), compress_sm90(w_masked.t().contiguous())
 
+    def prune_activations(self, x, transposable):
+        self.launches.append("activations")
+        assert x.shape[0] % 64 == 0, "the caller pads the tokens"
+        mask = mask_24_activations(x, transposable)
+        masked = x * mask
+        c_t = compress_sm90(masked.t().contiguous()) if transposable else None
+        return compress_sm90(masked), c_t, mask, x.masked_fill(~mask, 0)
+
     def compress_masked(self, w, mask, transposed=True):
         self.launches.append("mask" if transposed else "mask-no-t")
         w_masked = w * mask
@@ -327,6 +343,7 @@ def fake_kernels(monkeypatch):
     fake = FakeKernels()
     monkeypatch.setattr(kernels, "prune_compress_transposable", fake.prune_compress_transposable)
     monkeypatch.setattr(kernels, "prune_compress_into", fake.prune_compress_into)
+    monkeypatch.setattr(kernels, "prune_activations", fake.prune_activations)
     monkeypatch.setattr(kernels, "compress_masked", fake.compress_masked)
     return fake
 
@@ -567,8 +584,8 @@ class TestPlanCacheChoice:
 
 
 @pytest.mark.parametrize("transposable", [False, True])
-@pytest.mark.parametrize("compress", ["cslt", "direct"])
-def test_activation_sparse_on_cusparselt_equals_emulated(fake_cusparselt, transposable, compress):
+@pytest.mark.parametrize("compress", ["cslt", "direct", "kernel"])
+def test_activation_sparse_on_cusparselt_equals_emulated(fake_cusparselt, fake_kernels, transposable, compress):
     gen = torch.Generator().manual_seed(7)
     x = torch.relu(torch.randn(3, 30, 256, generator=gen)).square().bfloat16()
     w = torch.randn(64, 256, generator=gen).bfloat16()
@@ -585,3 +602,6 @@ def test_activation_sparse_on_cusparselt_equals_emulated(fake_cusparselt, transp
     sparse_shapes = {search[0] for search in fake_cusparselt.searches}
     # forward: X_s padded to 128 rows; weight grad (transposable only): X_s^T with 128 columns
     assert sparse_shapes == ({(128, 144), (256, 72)} if transposable else {(128, 144)})
+    # The kernel route prunes and compresses in one pass per forward; the others compress with cuSPARSELt.
+    assert fake_kernels.launches == (["activations"] if compress == "kernel" else [])
+    assert (fake_cusparselt.compressions == 0) == (compress != "cslt")

@@ -160,8 +160,10 @@ def test_an_op_that_writes_an_input_bumps_its_version_eager_and_compiled():
     assert torch.equal(t, torch.full((3,), 2.0)), "the compiled call writes t as well"
 
 
-def test_activation_sparse_path_traces_whole_and_matches_eager(fake_cusparselt):
-    eager = cusparselt_layer(Act24Config(transposable=True), 256, 64, "cslt", seed=5)
+@pytest.mark.parametrize("transposable", [False, True])
+@pytest.mark.parametrize("compress", ["kernel", "cslt"])
+def test_activation_sparse_path_traces_whole_and_matches_eager(fake_cusparselt, fake_kernels, compress, transposable):
+    eager = cusparselt_layer(Act24Config(transposable=transposable), 256, 64, compress, seed=5)
     compiled = copy.deepcopy(eager)
     compiled.compile(fullgraph=True, backend="aot_eager")
     gen = torch.Generator().manual_seed(6)
@@ -169,6 +171,7 @@ def test_activation_sparse_path_traces_whole_and_matches_eager(fake_cusparselt):
     gy = torch.randn(30, 64, generator=gen).bfloat16()
     for got, expected in zip(forward_backward(compiled, x, gy), forward_backward(eager, x, gy)):
         assert torch.equal(got, expected)
+    assert fake_kernels.launches == (["activations"] * 2 if compress == "kernel" else [])
 
 
 def test_compile_option_is_checked_and_cpu_runs_stay_eager(tmp_path, caplog):

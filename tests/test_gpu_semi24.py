@@ -193,9 +193,9 @@ def activation_step(backend, h, w, bias, gy, transposable):
 @pytest.mark.parametrize("n_in, n_out", [(3072, 768), (4096, 1024)], ids=["vit_b.fc2", "vit_l.fc2"])
 @pytest.mark.parametrize("tokens", [TOKENS, 3 * 197], ids=["tokens_1576", "tokens_591"])
 @pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
-@pytest.mark.parametrize("compress", ["cslt", "direct"])
+@pytest.mark.parametrize("compress", ["cslt", "direct", "kernel"])
 def test_activation_sparse_linear_on_cusparselt(n_in, n_out, tokens, transposable, compress):
-    if compress == "direct":
+    if compress != "cslt":
         require_sm90()
     hidden = cpu_randn(tokens, n_in, seed=n_in + tokens)
     h = (torch.relu(hidden) ** 2).to(torch.bfloat16).cuda()  # Squared-ReLU output: mostly zeros

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sparsetrain.sparse.layout_sm90 import compress_sm90
-from sparsetrain.sparse.masks import is_transposable_24, mask_24_transposable
+from sparsetrain.sparse.masks import is_transposable_24, mask_24, mask_24_transposable
 
 triton_missing = importlib.util.find_spec("triton") is None
 KERNEL_SOURCE = (pathlib.Path(__file__).resolve().parents[1] / "sparsetrain/kernels/prune_compress.py").read_text()
@@ -140,6 +140,9 @@ def interpreted(tmp_path_factory):
     runner.add("meta", "prune_compress_transposable", _weights(128, 192, torch.bfloat16, "random", seed=3))
     runner.add("huge", "prune_compress_transposable", _huge_weights())
     runner.add("into", "prune_compress_into", *_into_case())
+    for kind in ACTIVATION_KINDS:
+        for transposable in (False, True):
+            runner.add(f"act-{kind}-{transposable}", "prune_activations", _activations(kind), transposable)
     runner.run(tmp_path_factory.mktemp("interpreter"))
     return runner
 
@@ -196,6 +199,39 @@ def test_prune_into_overwrites_the_mask_and_counts_the_flips_in_the_same_launch(
     masked = w * ref_mask
     assert torch.equal(_bits(c), _bits(_cslt_reference(masked)))
     assert torch.equal(_bits(c_t), _bits(_cslt_reference(masked.t().contiguous())))
+
+
+ACTIVATION_KINDS = ["squared_relu", "ties", "zeros", "nonfinite"]
+
+
+def _activations(kind):
+    """(128, 192) activations: Squared-ReLU outputs (mostly zeros), few magnitudes, signed zeros, inf/NaN."""
+    if kind == "squared_relu":
+        return torch.relu(_weights(128, 192, torch.float32, "random", seed=21)).square().bfloat16()
+    if kind == "nonfinite":
+        x = _weights(128, 192, torch.float32, "random", seed=22)
+        x.view(-1)[::13] = float("inf")
+        x.view(-1)[5::17] = float("-inf")
+        x.view(-1)[2::19] = float("nan")
+        return x.bfloat16()
+    return _weights(128, 192, torch.float16 if kind == "ties" else torch.bfloat16, kind, seed=23)
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_activation_pruning_equals_the_mask_functions_and_compress(interpreted, kind, transposable):
+    x = _activations(kind)
+    c, c_t, mask, x_sparse = interpreted[f"act-{kind}-{transposable}"]
+    assert torch.equal(mask, (mask_24_transposable if transposable else mask_24)(x.abs()))
+    assert torch.equal(_bits(x_sparse), _bits(x.masked_fill(~mask, 0))), "kept values as they were, +0 elsewhere"
+    if kind == "nonfinite":
+        return  # only the mask and the values are in the contract for non-finite activations
+    masked = x * mask
+    assert torch.equal(_bits(c), _bits(_cslt_reference(masked)))
+    if transposable:
+        assert torch.equal(_bits(c_t), _bits(_cslt_reference(masked.t().contiguous())))
+    else:
+        assert c_t is None
 
 
 def _huge_weights():
@@ -319,6 +355,21 @@ def test_gpu_prune_into_equals_cslt_compress_and_counts_the_flips(m, k):
     masked = w * ref_mask
     assert torch.equal(_bits(c), _bits(torch._cslt_compress(masked)))
     assert torch.equal(_bits(c_t), _bits(torch._cslt_compress(masked.t().contiguous())))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
+@pytest.mark.parametrize("m,k", [(12608, 4096), (192, 320)])
+def test_gpu_activation_pruning_equals_masks_and_cslt_compress(m, k, transposable):
+    kernels = _gpu_kernels()
+    x = torch.relu(torch.randn(m, k, device="cuda")).square().bfloat16()  # Squared-ReLU outputs
+    c, c_t, mask, x_sparse = kernels.prune_activations(x, transposable)
+    assert torch.equal(mask, (mask_24_transposable if transposable else mask_24)(x.abs()))
+    assert torch.equal(_bits(x_sparse), _bits(x.masked_fill(~mask, 0)))
+    masked = x * mask
+    assert torch.equal(_bits(c), _bits(torch._cslt_compress(masked)))
+    if transposable:
+        assert torch.equal(_bits(c_t), _bits(torch._cslt_compress(masked.t().contiguous())))
 
 
 @pytest.mark.gpu

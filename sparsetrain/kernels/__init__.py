@@ -30,9 +30,10 @@ def _missing(*_, **__):
 
 
 if _HAS_TRITON:
-    from sparsetrain.kernels.prune_compress import (compress_masked, compress_pruned, prune_compress_into,
-                                                    prune_compress_transposable)
+    from sparsetrain.kernels.prune_compress import (compress_masked, compress_pruned, prune_activations,
+                                                    prune_compress_into, prune_compress_transposable)
 else:  # keep the names importable so callers can branch on available()
-    compress_masked = compress_pruned = prune_compress_into = prune_compress_transposable = _missing
+    compress_masked = compress_pruned = prune_activations = prune_compress_into = prune_compress_transposable = _missing
 
-__all__ = ["available", "compress_masked", "compress_pruned", "prune_compress_into", "prune_compress_transposable"]
+__all__ = ["available", "compress_masked", "compress_pruned", "prune_activations", "prune_compress_into",
+           "prune_compress_transposable"]

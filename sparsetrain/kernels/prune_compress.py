@@ -4,7 +4,7 @@ For an (m, k) fp16/bf16 matrix W, one program reads one 64 x 64 block (256 tiles
 writes, in cuSPARSELt 0.8's sm90 layout (see `sparsetrain.sparse.layout_sm90`):
   - W*mask compressed, as `torch._cslt_compress(W * mask)` returns it;
   - (W*mask)^T compressed, as `torch._cslt_compress((W * mask).t().contiguous())` returns it;
-  - optionally the bool mask.
+  - optionally the bool mask, and W*mask itself (activations keep it for the weight gradient).
 The layout is built from 64 x 64 blocks whose metadata is one contiguous 512-byte chunk, so a
 program owns its block's outputs entirely: no atomics, no second pass.
 
@@ -13,6 +13,8 @@ Where the mask comes from (MODE):
            same 90 patterns in the same order, same float32 sums in the same order, first max.
   MASK   - a given bool mask (2:4 per row, and per column when the transpose is written).
   VALUES - W is already pruned: kept = nonzero, as `_cslt_compress` sees it.
+  ROWS   - the 2 largest |W| of every group of 4 along a row, exactly as `masks.mask_24(W.abs())`
+           (ties to the lower index); row-wise only, so no transpose. Activation 2:4 uses it.
 A group whose kept values are not all nonzero is stored as cuSPARSELt stores W*mask: its nonzeros
 plus the highest-index zeros (measured on sm90; the sign of a zero is the product's sign, as in
 `W * mask`).
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_PRUNE, MODE_MASK, MODE_VALUES = 0, 1, 2
+MODE_PRUNE, MODE_MASK, MODE_VALUES, MODE_ROWS = 0, 1, 2, 3
 BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
 NUM_WARPS = 2  # 64 threads for 256 tiles: measured fastest of 2/4/8 (docs/perf-notes.md)
 COALESCE = True  # stores in natural tile order (v2); False is v1's order, kept to compare
@@ -99,6 +101,36 @@ def _score(x):
     s = tl.abs(x.to(tl.float32))
     # NaN test first: minimum() may return the bound for a NaN (fminf semantics).
     return tl.where(s != s, -4.2535293329816107e37, tl.minimum(s, 4.2535293329816107e37))  # SCORE_BOUND
+
+
+@triton.jit
+def _row_score(x):
+    """|x| in float32 with NaN as -inf, as mask_24 scores it (only compared, so no bound is needed)."""
+    s = tl.abs(x.to(tl.float32))
+    return tl.where(s != s, float("-inf"), s)
+
+
+@triton.jit
+def _top2_of_4(x0, x1, x2, x3):
+    """Keep-bits of the 2 largest |x| of each group, ties to the lower index: mask_24's count of the
+    entries that beat each one (an earlier entry wins a tie) must be below 2."""
+    s0, s1, s2, s3 = _row_score(x0), _row_score(x1), _row_score(x2), _row_score(x3)
+    k0 = (s1 > s0).to(tl.int32) + (s2 > s0).to(tl.int32) + (s3 > s0).to(tl.int32) < 2
+    k1 = (s0 >= s1).to(tl.int32) + (s2 > s1).to(tl.int32) + (s3 > s1).to(tl.int32) < 2
+    k2 = (s0 >= s2).to(tl.int32) + (s1 >= s2).to(tl.int32) + (s3 > s2).to(tl.int32) < 2
+    k3 = (s0 >= s3).to(tl.int32) + (s1 >= s3).to(tl.int32) + (s2 >= s3).to(tl.int32) < 2
+    return k0.to(tl.int32), k1.to(tl.int32), k2.to(tl.int32), k3.to(tl.int32)
+
+
+@triton.jit
+def _store_kept_quad(ptr, rows, cols, row_stride, T: tl.constexpr, x0, x1, x2, x3, k0, k1, k2, k3):
+    """Store x * keep for elements (row, col + 0..3) of every tile: `_load_quad`'s inverse."""
+    offs = rows.to(tl.int64)[:, :, None] * row_stride + cols[:, :, None] + tl.arange(0, 4)[None, None, :]
+    offs = tl.max_contiguous(tl.multiple_of(offs, (1, 1, 4)), (1, 1, 4))
+    zero = tl.zeros(x0.shape, x0.dtype)  # +0, as masked_fill writes
+    x = tl.join(tl.join(tl.where(k0 != 0, x0, zero), tl.where(k2 != 0, x2, zero)),
+                tl.join(tl.where(k1 != 0, x1, zero), tl.where(k3 != 0, x3, zero)))  # (T, T, 2, 2)
+    tl.store(ptr + offs, tl.reshape(x, (T, T, 4)))
 
 
 @triton.jit
@@ -299,9 +331,9 @@ def _load_keep(mask_ptr, rows, cols, K, T: tl.constexpr):
 
 
 @triton.jit
-def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr, flips_ptr, M, K,
+def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr, flips_ptr, values_ptr, M, K,
                            MODE: tl.constexpr, WRITE_T: tl.constexpr, WRITE_MASK: tl.constexpr,
-                           COUNT_FLIPS: tl.constexpr, COALESCE: tl.constexpr):
+                           COUNT_FLIPS: tl.constexpr, WRITE_VALUES: tl.constexpr, COALESCE: tl.constexpr):
     T: tl.constexpr = 16  # tiles per block side
     bi = tl.program_id(0)
     bj = tl.program_id(1)
@@ -324,6 +356,11 @@ def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr,
         k10, k11, k12, k13 = _keep_bits_of(bits, 1)
         k20, k21, k22, k23 = _keep_bits_of(bits, 2)
         k30, k31, k32, k33 = _keep_bits_of(bits, 3)
+    elif MODE == 3:
+        k00, k01, k02, k03 = _top2_of_4(x00, x01, x02, x03)
+        k10, k11, k12, k13 = _top2_of_4(x10, x11, x12, x13)
+        k20, k21, k22, k23 = _top2_of_4(x20, x21, x22, x23)
+        k30, k31, k32, k33 = _top2_of_4(x30, x31, x32, x33)
     elif MODE == 1:
         k00, k01, k02, k03 = _load_keep(mask_in_ptr, row0 + 0, col0, K, T)
         k10, k11, k12, k13 = _load_keep(mask_in_ptr, row0 + 1, col0, K, T)
@@ -335,6 +372,12 @@ def _prune_compress_kernel(w_ptr, mask_in_ptr, out_ptr, out_t_ptr, mask_out_ptr,
         k10, k11, k12, k13 = one, one, one, one
         k20, k21, k22, k23 = one, one, one, one
         k30, k31, k32, k33 = one, one, one, one
+
+    if WRITE_VALUES:
+        _store_kept_quad(values_ptr, row0 + 0, col0, K, T, x00, x01, x02, x03, k00, k01, k02, k03)
+        _store_kept_quad(values_ptr, row0 + 1, col0, K, T, x10, x11, x12, x13, k10, k11, k12, k13)
+        _store_kept_quad(values_ptr, row0 + 2, col0, K, T, x20, x21, x22, x23, k20, k21, k22, k23)
+        _store_kept_quad(values_ptr, row0 + 3, col0, K, T, x30, x31, x32, x33, k30, k31, k32, k33)
 
     # The matrix: row a of each tile is a group; values are word-addressed (2 values a word).
     vals_ptr = out_ptr
@@ -385,7 +428,7 @@ def _compressed_empty(m: int, k: int, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(m, k // 2 + k // 16, dtype=like.dtype, device=like.device)
 
 
-def _launch(w, mask, mode, transposed, want_mask, mask_out=None, flips=None):
+def _launch(w, mask, mode, transposed, want_mask, mask_out=None, flips=None, want_values=False):
     _check(w)
     w = w.contiguous()
     m, k = w.shape
@@ -398,13 +441,16 @@ def _launch(w, mask, mode, transposed, want_mask, mask_out=None, flips=None):
         if mask is None or mask.shape != w.shape:
             raise ValueError(f"the mask must have the weight's shape {tuple(w.shape)}")
         mask_in = mask.contiguous().view(torch.uint8)
+    values = torch.empty_like(w) if want_values else None
     grid = (m // BLOCK, k // BLOCK)
     _prune_compress_kernel[grid](
         w, mask_in, out.view(torch.int32), out_t.view(torch.int32),
         out.view(torch.int32) if mask_out is None else mask_out.view(torch.int32),
-        out if flips is None else flips, m, k,
+        out if flips is None else flips, w if values is None else values, m, k,
         MODE=mode, WRITE_T=transposed, WRITE_MASK=mask_out is not None, COUNT_FLIPS=flips is not None,
-        COALESCE=COALESCE, num_warps=NUM_WARPS)
+        WRITE_VALUES=want_values, COALESCE=COALESCE, num_warps=NUM_WARPS)
+    if want_values:
+        return out, (out_t if transposed else None), mask_out, values
     return out, (out_t if transposed else None), mask_out
 
 
@@ -432,6 +478,17 @@ def prune_compress_into(w: torch.Tensor, mask: torch.Tensor, flips: torch.Tensor
         raise ValueError("flips must be a one-element int64 tensor on the weight's device")
     c, c_t, _ = _launch(w, None, MODE_PRUNE, True, True, mask_out=mask, flips=flips)
     return c, c_t
+
+
+def prune_activations(x: torch.Tensor, transposable: bool):
+    """2:4-prune activations x (tokens, features) by |x| and compress them, in one pass.
+
+    Row-wise (2 of every 4 features of a token) as masks.mask_24(x.abs()), or transposable (also 2 of
+    every 4 tokens of a feature, in 4x4 tiles) as masks.mask_24_transposable(x.abs()). Returns
+    (c, c_t, mask, x_sparse): x*mask compressed, its transpose compressed (transposable only, else
+    None), the mask, and x*mask (pruned entries +0). Pad the tokens to a multiple of 64 with zeros.
+    """
+    return _launch(x, None, MODE_PRUNE if transposable else MODE_ROWS, transposable, True, want_values=True)
 
 
 def compress_masked(w: torch.Tensor, mask: torch.Tensor, transposed: bool = True):

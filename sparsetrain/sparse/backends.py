@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparsetrain.choice_cache import ChoiceFile, device_label
 from sparsetrain.sparse.layout_sm90 import compress_sm90
-from sparsetrain.sparse.masks import mask_24_transposable
+from sparsetrain.sparse.masks import mask_24_activations, mask_24_transposable
 from sparsetrain.sparse.ops import opaque_op
 
 logger = logging.getLogger("sparsetrain")
@@ -93,13 +93,23 @@ class Backend(ABC):
     def input_grad(self, gy2d: Tensor, operand: Tensor) -> Tensor:
         """dX = dY @ W_s, with `operand` = `PreparedWeight.input_grad`."""
 
-    @abstractmethod
-    def sparse_input_linear(self, x_sparse2d: Tensor, weight: Tensor) -> Tensor:
-        """Y = X_s @ W^T where X_s (tokens, in) is 2:4 along its rows (activation sparsity)."""
+    def prune_activations(self, x2d: Tensor, transposable: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Activation 2:4 of x2d (tokens, in) by |x| (masks.mask_24_activations): (X_s, mask, compressed,
+        compressed_t). The compressed forms are the sparse GEMMs' operands where this backend makes them in
+        the same pass (None: the GEMM compresses X_s itself). No autograd."""
+        mask = mask_24_activations(x2d, transposable)
+        return x2d.masked_fill(~mask, 0), mask, None, None
 
     @abstractmethod
-    def sparse_input_weight_grad(self, gy2d: Tensor, x_sparse2d: Tensor, transposable: bool) -> Tensor:
-        """dW = dY^T @ X_s; `transposable` says X_s^T is 2:4 too (2:4 along tokens)."""
+    def sparse_input_linear(self, x_sparse2d: Tensor, weight: Tensor, compressed: Tensor | None = None) -> Tensor:
+        """Y = X_s @ W^T where X_s (tokens, in) is 2:4 along its rows (activation sparsity);
+        `compressed`: X_s as `prune_activations` compressed it, if it did."""
+
+    @abstractmethod
+    def sparse_input_weight_grad(self, gy2d: Tensor, x_sparse2d: Tensor, transposable: bool,
+                                 compressed_t: Tensor | None = None) -> Tensor:
+        """dW = dY^T @ X_s; `transposable` says X_s^T is 2:4 too (2:4 along tokens); `compressed_t`: X_s^T
+        as `prune_activations` compressed it, if it did."""
 
 
 class EmulatedBackend(Backend):
@@ -120,10 +130,10 @@ class EmulatedBackend(Backend):
     def input_grad(self, gy2d, operand):
         return gy2d @ operand
 
-    def sparse_input_linear(self, x_sparse2d, weight):
+    def sparse_input_linear(self, x_sparse2d, weight, compressed=None):
         return x_sparse2d @ weight.t()
 
-    def sparse_input_weight_grad(self, gy2d, x_sparse2d, transposable):
+    def sparse_input_weight_grad(self, gy2d, x_sparse2d, transposable, compressed_t=None):
         return gy2d.t() @ x_sparse2d
 
 
@@ -269,9 +279,6 @@ class CuSparseLtBackend(Backend):
 
     def __init__(self, sparse_input_grad: bool, compress: str = "cslt", plans: bool | None = None):
         _check_compress_route(compress)
-        if compress == "kernel" and not sparse_input_grad:
-            raise ValueError("compress='kernel' prunes and compresses transposable masks only; "
-                             "use compress='cslt' for a row-wise mask (sparse_input_grad=False)")
         self.sparse_input_grad = sparse_input_grad
         self.compress_route = compress
         self.plans = _plans_requested(plans)
@@ -283,6 +290,10 @@ class CuSparseLtBackend(Backend):
 
     def prepare_weight(self, weight, mask=None, need_input_grad=True):
         if self.compress_route == "kernel":
+            if not self.sparse_input_grad:
+                # Row-wise weight masks: the kernel's activation mode is for activations, not weights.
+                raise ValueError("compress='kernel' prunes and compresses transposable weight masks only; use "
+                                 "compress='cslt' for a row-wise weight mask (sparse_input_grad=False)")
             return self._prepare_with_kernel(weight, mask, need_input_grad)
         if mask is None:
             mask = mask_24_transposable(weight.abs())
@@ -326,13 +337,19 @@ class CuSparseLtBackend(Backend):
             return gy2d @ operand
         return cslt_input_grad(gy2d, operand, self.plans)
 
-    def sparse_input_linear(self, x_sparse2d, weight):
-        return cslt_sparse_input_linear(x_sparse2d, weight, self.compress_route)
+    def prune_activations(self, x2d, transposable):
+        if self.compress_route != "kernel":
+            return super().prune_activations(x2d, transposable)
+        x_sparse, mask, compressed, compressed_t = fused_prune_activations(x2d, transposable)
+        return x_sparse, mask, compressed, compressed_t if transposable else None
 
-    def sparse_input_weight_grad(self, gy2d, x_sparse2d, transposable):
+    def sparse_input_linear(self, x_sparse2d, weight, compressed=None):
+        return cslt_sparse_input_linear(x_sparse2d, weight, self.compress_route, compressed)
+
+    def sparse_input_weight_grad(self, gy2d, x_sparse2d, transposable, compressed_t=None):
         if not transposable:
             return gy2d.t() @ x_sparse2d
-        return cslt_sparse_input_weight_grad(gy2d, x_sparse2d, self.compress_route)
+        return cslt_sparse_input_weight_grad(gy2d, x_sparse2d, self.compress_route, compressed_t)
 
 
 # ---- the cuSPARSELt calls of CuSparseLtBackend, each registered as a custom op (sparse/ops.py) ----
@@ -410,6 +427,22 @@ def fused_prune_compress_into(w: Tensor, mask: Tensor, flips: Tensor) -> tuple[T
     return prune_compress_into(w, mask, flips)
 
 
+def _activations_fake(x2d: Tensor, transposable: bool):
+    padded = x2d.new_empty(x2d.shape[0] + -x2d.shape[0] % _SPARSE_ROW_MULTIPLE, x2d.shape[1])
+    return (torch.empty_like(x2d), torch.empty_like(x2d, dtype=torch.bool), _compressed_like(padded),
+            _compressed_like(padded.t()) if transposable else x2d.new_empty(0))
+
+
+@opaque_op("cslt_prune_activations", _activations_fake)
+def fused_prune_activations(x2d: Tensor, transposable: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused kernel's activation mode: (X_s, mask, X_s compressed, X_s^T compressed or an empty tensor),
+    the compressed forms with the tokens padded to the sparse operand's 64 rows."""
+    from sparsetrain.kernels import prune_activations
+    rows = x2d.shape[0]
+    c, c_t, mask, x_sparse = prune_activations(_pad_rows(x2d, _SPARSE_ROW_MULTIPLE), transposable)
+    return x_sparse[:rows], mask[:rows], c, c_t if transposable else c.new_empty(0)
+
+
 @opaque_op("cslt_compress_masked", lambda w, mask: _compressed_like(w))
 def fused_compress_masked(w: Tensor, mask: Tensor) -> Tensor:
     """The fused kernel's given-mask mode, W_s only."""
@@ -454,26 +487,29 @@ def cslt_input_grad(gy2d: Tensor, compressed_t: Tensor, plans: Optional[bool]) -
     return _sparse_mm(compressed_t, gy_padded.t(), True, _pick_matmul(plans), reference=None)[:rows]
 
 
-@opaque_op("cslt_sparse_input_linear", lambda x_sparse2d, weight, route: x_sparse2d.new_empty(x_sparse2d.shape[0],
-                                                                                              weight.shape[0]))
-def cslt_sparse_input_linear(x_sparse2d: Tensor, weight: Tensor, route: str) -> Tensor:
-    """Y = X_s W^T with the 2:4 activations X_s compressed as the sparse operand."""
+@opaque_op("cslt_sparse_input_linear", lambda x_sparse2d, weight, route, compressed:
+           x_sparse2d.new_empty(x_sparse2d.shape[0], weight.shape[0]))
+def cslt_sparse_input_linear(x_sparse2d: Tensor, weight: Tensor, route: str, compressed: Optional[Tensor]) -> Tensor:
+    """Y = X_s W^T with the 2:4 activations X_s compressed as the sparse operand (`compressed`, made by
+    the prune pass with the tokens padded to 64 rows, or compressed here)."""
     rows = x_sparse2d.shape[0]
     x_padded = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE)
     weight_t = weight.contiguous().t()
-    return _sparse_mm(_compress_with(x_padded, route), weight_t, False, _torch_mm,
-                      reference=lambda: x_padded @ weight_t)[:rows]
+    operand = _compress_with(x_padded, route) if compressed is None else compressed
+    return _sparse_mm(operand, weight_t, False, _torch_mm, reference=lambda: x_padded @ weight_t)[:rows]
 
 
-@opaque_op("cslt_sparse_input_weight_grad", lambda gy2d, x_sparse2d, route: gy2d.new_empty(gy2d.shape[1],
-                                                                                           x_sparse2d.shape[1]))
-def cslt_sparse_input_weight_grad(gy2d: Tensor, x_sparse2d: Tensor, route: str) -> Tensor:
-    """dW = dY^T X_s with X_s^T (in, tokens), 2:4 along tokens, as the sparse operand."""
+@opaque_op("cslt_sparse_input_weight_grad", lambda gy2d, x_sparse2d, route, compressed_t:
+           gy2d.new_empty(gy2d.shape[1], x_sparse2d.shape[1]))
+def cslt_sparse_input_weight_grad(gy2d: Tensor, x_sparse2d: Tensor, route: str,
+                                  compressed_t: Optional[Tensor]) -> Tensor:
+    """dW = dY^T X_s with X_s^T (in, tokens), 2:4 along tokens, as the sparse operand (`compressed_t`, made
+    by the prune pass, or compressed here)."""
     x_t = _pad_rows(x_sparse2d, _SPARSE_ROW_MULTIPLE).t().contiguous()
     gy_padded = _pad_rows(gy2d, _SPARSE_ROW_MULTIPLE)
+    operand = _compress_with(x_t, route) if compressed_t is None else compressed_t
     # transpose_result gives dW directly from dW^T = X_s^T @ dY.
-    return _sparse_mm(_compress_with(x_t, route), gy_padded, True, _torch_mm,
-                      reference=lambda: gy_padded.t() @ x_t.t())
+    return _sparse_mm(operand, gy_padded, True, _torch_mm, reference=lambda: gy_padded.t() @ x_t.t())
 
 
 def _cusparselt_blockers(out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -493,10 +529,11 @@ def _cusparselt_blockers(out_features: int, in_features: int, device: torch.devi
     return blockers
 
 
-def _compress_route(compress: str, device: torch.device, transposable: bool) -> tuple[str, str]:
+def _compress_route(compress: str, device: torch.device, transposable: bool, activations: bool) -> tuple[str, str]:
     """The compress route to use on `device`, and a clause for the reason.
 
-    "auto" is the fused kernel where it runs (sm90, Triton, transposable mask), else "cslt".
+    "auto" is the fused kernel where it runs (sm90, Triton; for weights a transposable mask, for
+    activations either mask), else "cslt".
     """
     if compress == "cslt":
         return "cslt", ""
@@ -506,15 +543,18 @@ def _compress_route(compress: str, device: torch.device, transposable: bool) -> 
         return "cslt", f"; compress: cslt{why}"
     if compress == "direct":
         return "direct", "; compress: direct sm90 layout"
-    if not transposable:
-        return "cslt", "; compress: cslt (the fused kernel is for transposable masks)"
+    if not (transposable or activations):
+        return "cslt", "; compress: cslt (the fused kernel prunes transposable weight masks)"
     from sparsetrain import kernels
     if not kernels.available(device):
         return "cslt", "; compress: cslt (Triton is missing, so no fused prune+compress kernel)"
     return "kernel", "; compress: fused prune+compress kernel"
 
 
-def _cusparselt_reason(sparse_input_grad: bool) -> str:
+def _cusparselt_reason(sparse_input_grad: bool, activations: bool) -> str:
+    if activations:
+        weight_grad = "2:4 too (transposable mask)" if sparse_input_grad else "dense"
+        return f"cuSPARSELt: forward 2:4 on the pruned input activations, weight grad {weight_grad}"
     if sparse_input_grad:
         reason = "cuSPARSELt: forward and input grad 2:4 (transposable mask), weight grad dense"
     else:
@@ -523,14 +563,16 @@ def _cusparselt_reason(sparse_input_grad: bool) -> str:
 
 
 def resolve_backend(requested: str, out_features: int, in_features: int, device, dtype: torch.dtype,
-                    transposable: bool, compress: str = "auto", plans: bool | None = None) -> tuple[Backend, str]:
+                    transposable: bool, compress: str = "auto", plans: bool | None = None,
+                    activations: bool = False) -> tuple[Backend, str]:
     """Pick the backend of one (out, in) layer: "auto", "emulated" or "cusparselt".
 
     Returns the backend and a short sentence for the layer table. `transposable` says whether the
     layer's mask is 2:4 along columns too (then the input grad can run sparse). `compress` picks
     how weights are compressed for cuSPARSELt: "auto" (the fused kernel on sm90 for transposable
     masks, else "cslt"), "kernel", "cslt", or "direct"; a route this GPU cannot run falls back to
-    "cslt" and the reason says so. `plans`: see CuSparseLtBackend.
+    "cslt" and the reason says so. `plans`: see CuSparseLtBackend. `activations`: the layer prunes its
+    input activations (act24), whose masks the fused kernel serves row-wise too.
     """
     if requested == "triton_bsr":
         raise ValueError("sparsity.backend=triton_bsr runs block sparsity (sparsity.pattern=block); for 2:4 "
@@ -553,6 +595,6 @@ def resolve_backend(requested: str, out_features: int, in_features: int, device,
         return EmulatedBackend(), (
             f"emulated (masked dense): {narrowest} features is below {NARROW_LAYER_FEATURES}, where cuSPARSELt "
             "measured no gain on an H100 (ViT-B MLP 0.96x-1.06x); sparsity.backend=cusparselt forces it")
-    route, route_clause = _compress_route(compress, device, transposable)
-    reason = _cusparselt_reason(transposable) + route_clause
+    route, route_clause = _compress_route(compress, device, transposable, activations)
+    reason = _cusparselt_reason(transposable, activations) + route_clause
     return CuSparseLtBackend(sparse_input_grad=transposable, compress=route, plans=plans), reason

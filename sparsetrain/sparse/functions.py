@@ -4,12 +4,10 @@ Both compute in the dtype they are given (autocast is switched off inside, so th
 is the one that counts) and run their GEMMs through a `Backend`.
 """
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
 from sparsetrain.sparse.backends import Backend, PreparedWeight
-from sparsetrain.sparse.masks import mask_24, mask_24_transposable
 
 GRAD_MODES = ("ste", "masked", "srste")
 
@@ -108,30 +106,23 @@ def weight_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     return _WeightSparseLinear.apply(x, weight, bias, mask, prepared, backend, grad_mode, srste_lambda)
 
 
-def _activation_mask(x2d: Tensor, transposable: bool) -> Tensor:
-    scores = x2d.abs()
-    if not transposable:
-        return mask_24(scores)
-    rows = x2d.shape[0]
-    # A ragged last batch gets zero rows so its tiles are complete; the kept part stays 2:4 both ways.
-    return mask_24_transposable(F.pad(scores, (0, 0, 0, -rows % 4)))[:rows]
-
-
 class _ActivationSparseLinear(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, backend, transposable):
         need_x_grad, need_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         x2d = x.reshape(-1, x.shape[-1])
-        mask = _activation_mask(x2d, transposable)
-        x_sparse = x2d.masked_fill(~mask, 0)
+        with torch.no_grad():
+            # The backend's own pass where it has one (sm90: mask, X_s and its compressed forms at once).
+            x_sparse, mask, compressed, compressed_t = backend.prune_activations(x2d, transposable)
         with _autocast_off(x):
-            y2d = backend.sparse_input_linear(x_sparse, weight)
+            y2d = backend.sparse_input_linear(x_sparse, weight, compressed)
             if bias is not None:
                 y2d = y2d + bias.to(y2d.dtype)
         ctx.backend, ctx.transposable = backend, transposable
         ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
         ctx.save_for_backward(
             x_sparse if need_w_grad else None,
+            compressed_t if need_w_grad else None,
             mask if need_x_grad else None,
             weight if need_x_grad else None,
         )
@@ -139,14 +130,14 @@ class _ActivationSparseLinear(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x_sparse, mask, weight = ctx.saved_tensors
+        x_sparse, compressed_t, mask, weight = ctx.saved_tensors
         gy2d = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_w = grad_b = None
         with _autocast_off(gy):
             if ctx.needs_input_grad[0]:
                 grad_x = (gy2d @ weight).masked_fill(~mask, 0).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                grad_w = ctx.backend.sparse_input_weight_grad(gy2d, x_sparse, ctx.transposable)
+                grad_w = ctx.backend.sparse_input_weight_grad(gy2d, x_sparse, ctx.transposable, compressed_t)
             if ctx.needs_input_grad[2]:
                 grad_b = _bias_grad(gy2d, ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None

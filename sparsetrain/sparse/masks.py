@@ -7,6 +7,7 @@ or to the lower pattern index (transposable mask, see `TRANSPOSABLE_PATTERNS`).
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # The 6 ways to keep 2 of 4 columns, in lexicographic order.
@@ -131,3 +132,13 @@ def is_24(mask: Tensor, dim: int = -1) -> bool:
 def is_transposable_24(mask: Tensor) -> bool:
     """True for a 2-D mask with exactly 2 kept per row and per column of every 4x4 tile."""
     return mask.dim() == 2 and is_24(mask, -1) and is_24(mask, 0)
+
+
+def mask_24_activations(x2d: Tensor, transposable: bool) -> Tensor:
+    """2:4 mask of activations (tokens, features) by |x|: row-wise (2 of every 4 features of a token), or
+    transposable over 4x4 tiles of (tokens, features), a ragged last tile padded with zero rows."""
+    scores = x2d.abs()
+    if not transposable:
+        return mask_24(scores)
+    rows = x2d.shape[0]
+    return mask_24_transposable(F.pad(scores, (0, 0, 0, -rows % 4)))[:rows]

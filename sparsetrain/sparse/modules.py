@@ -186,11 +186,8 @@ class SparseGemmLayer(nn.Module):
         if key not in self._backends:
             out_features, in_features = gemm_shape(self)
             config = self.sparse_config
-            # The fused prune+compress kernel serves weight masks; activation operands use cuSPARSELt's own.
-            compress = "cslt" if isinstance(config, Act24Config) else "auto"
-            self._backends[key] = resolve_backend(
-                config.backend, out_features, in_features, device, dtype, config.transposable, compress=compress
-            )
+            self._backends[key] = resolve_backend(config.backend, out_features, in_features, device, dtype,
+                                                  config.transposable, activations=isinstance(config, Act24Config))
         if key != self._backend_key:
             backend, self.backend_reason = self._backends[key]
             self.backend_name, self._backend_key = backend.name, key

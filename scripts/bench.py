@@ -903,16 +903,16 @@ def main() -> int:
                         help=f"section i's train.py compile modes ({','.join(TRAIN_MODES)})")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    timer = Timer(args.quick)
     for modes, wanted in ((STEP_MODES, args.step_modes), (TRAIN_MODES, args.train_modes)):
         unknown = set(wanted.split(",")) - set(modes)
         if unknown:
             parser.error(f"unknown mode(s) {sorted(unknown)}; use some of {','.join(modes)}")
         for mode in set(modes) - set(wanted.split(",")):
             del modes[mode]
+    if not torch.cuda.is_available():
+        print("bench.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    timer = Timer(args.quick)
     report = {"environment": environment(), "argv": sys.argv[1:], "sections": {}}
     print(json.dumps(report["environment"]), flush=True)
     for key in [s.strip() for s in args.only.split(",") if s.strip()]:

@@ -135,7 +135,9 @@ def sparse_mm(compressed: torch.Tensor, dense: torch.Tensor, transpose_result: b
     bias_ptr = None if bias is None else bias.data_ptr()
     plan, workspace = _plan(lib, m, n, k, row_major, transpose_result, dense.dtype, alg_id, dense.device, bias_ptr)
     out = torch.empty((n, m) if transpose_result else (m, n), dtype=dense.dtype, device=dense.device)
-    stream = torch.cuda.current_stream(dense.device).cuda_stream
+    # The raw handle, as inductor's generated code reads it: torch.cuda.current_stream() builds a Stream
+    # object on every call, host time this per-GEMM path is meant to save.
+    stream = torch._C._cuda_getCurrentRawStream(dense.device.index)
     _check(lib, lib.st_matmul(plan, compressed.data_ptr(), dense.data_ptr(), out.data_ptr(),
                               None if workspace is None else workspace.data_ptr(), stream), "matmul")
     return out

@@ -213,3 +213,6 @@ def test_auto_policy_on_this_gpu():
     assert isinstance(backend, CuSparseLtBackend), reason
     backend, reason = resolve_backend("auto", 4096, 1024, "cuda", torch.float32, True)
     assert isinstance(backend, EmulatedBackend) and "float32" in reason
+    if torch.cuda.get_device_capability() == (9, 0):  # activation 2:4 takes the fused kernel, row-wise too
+        backend, reason = resolve_backend("auto", 1024, 4096, "cuda", torch.bfloat16, False, activations=True)
+        assert backend.compress_route == "kernel", reason

@@ -267,7 +267,7 @@ def section_a(t: Timer, quick: bool) -> list[dict]:
 
 def section_b(t: Timer, quick: bool) -> list[dict]:
     """Prune + compress both ways per weight: torch-op route vs the fused kernel, plus the floor."""
-    from sparsetrain.kernels import compress_masked, compress_pruned, prune_compress_transposable
+    from sparsetrain.kernels import compress_masked, compress_pruned, prune_compress_into, prune_compress_transposable
     from sparsetrain.sparse import compress_sm90, mask_24_transposable
     copy_src = torch.randn(1 << 26, device="cuda", dtype=DT)
     copy_dst = torch.empty_like(copy_src)
@@ -282,6 +282,8 @@ def section_b(t: Timer, quick: bool) -> list[dict]:
         ws = [torch.randn(m, k, device="cuda", dtype=DT) for _ in range(copies)]
         masks = [mask_24_transposable(w.abs()) for w in ws]
         pruned = [w * mk for w, mk in zip(ws, masks)]
+        layer_masks = [mk.clone() for mk in masks]  # a layer's mask buffer, rewritten in place
+        flips = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in ws]
         # Sanity (not a test): the kernel's bytes equal the torch route's for the same mask.
         c, c_t, mk = prune_compress_transposable(ws[0])
         same = bool(torch.equal(c.view(-1).view(torch.int16), torch._cslt_compress(ws[0] * mk).view(-1).view(torch.int16))
@@ -295,6 +297,11 @@ def section_b(t: Timer, quick: bool) -> list[dict]:
                 [lambda w=w: prune_compress_transposable(w) for w in ws],
             "kernel: prune + both compressions (no mask out)":
                 [lambda w=w: prune_compress_transposable(w, want_mask=False) for w in ws],
+            "kernel: prune into the layer's mask + flip count (a training refresh)":
+                [lambda w=w, mk=mk, n=n: prune_compress_into(w, mk, n) for w, mk, n in zip(ws, layer_masks, flips)],
+            "torch ops: flip bookkeeping it replaced (xor, count_nonzero, add_, copy_)":
+                [lambda mk=mk, new=new, n=n: (n.add_(torch.count_nonzero(mk ^ new)), mk.copy_(new))
+                 for mk, new, n in zip(layer_masks, masks, flips)],
             "kernel: given mask, both compressions": [lambda w=w, mk=mk: compress_masked(w, mk) for w, mk in zip(ws, masks)],
             "kernel: pre-masked W, both compressions": [lambda p=p: compress_pruned(p) for p in pruned],
             "torch ops: 2x _cslt_compress of pre-masked W": [lambda p=p: (torch._cslt_compress(p), torch._cslt_compress(

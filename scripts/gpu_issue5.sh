@@ -2,9 +2,11 @@
 # Issue #5 on the lent H100, in batches of at most ~560 s (output in $OUT):
 #   bash scripts/gpu_issue5.sh 1   GPU tests of the compile path and fast path; bench c,f,g,h
 #   bash scripts/gpu_issue5.sh 2   bench c,f again (after fixes), i (train.py, 2:4 eager), p (profile)
-#   bash scripts/gpu_issue5.sh 3   every GPU test; bench c, d (after the flip count moved into the prune
-#                                  kernel), f (activation 2:4 on the fused kernel); host profile of train.py
-#   bash scripts/gpu_issue5.sh 4   bench i (train.py vs bare loop, eager and reduce-overhead), h (steps)
+#   bash scripts/gpu_issue5.sh 3   every GPU test; bench b, c, d (after the flip count moved into the prune
+#                                  kernel), f (activation 2:4 on the fused kernel)
+#   bash scripts/gpu_issue5.sh 4   bench i (train.py vs bare loop, eager and reduce-overhead); host profile
+#                                  of train.py
+#   bash scripts/gpu_issue5.sh 5   bench h (the ViT-L step compiled, with our graph, and reduce-overhead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sparsetrain-out}; mkdir -p "$OUT"
@@ -35,12 +37,12 @@ case "${1:-1}" in
      bench i 80 --quick
      bench p 30 --quick ;;
   3) bash scripts/gpu_tests.sh
-     bench c,d,f 130 --quick
+     bench b,c,d,f 170 --quick ;;
+  4) bench i 330 "--quick --train-modes eager,reduce-overhead"
      echo "=== profile train.py ($(date +%T))"
-     timeout 120 python3 scripts/profile_host.py trainpy --top 40 -- recipe=vit_l_24 data=synthetic \
+     timeout 150 python3 scripts/profile_host.py trainpy --top 40 -- recipe=vit_l_24 data=synthetic \
        data.batch_size=64 data.train_size=1920 data.num_workers=6 trainer.max_steps=30 trainer.limit_val_batches=1 \
        trainer.enable_progress_bar=false logger=csv paths.root=/tmp/profile-runs > "$OUT/profile-trainpy.txt" 2>&1
-     grep -E "images_per_second|ncalls|^ +[0-9]" "$OUT/profile-trainpy.txt" | head -60 ;;
-  4) bench i 330 "--quick --train-modes eager,reduce-overhead"
-     bench h 200 "--quick --step-modes compile,compile+graph" ;;
+     grep -E "ncalls|^ +[0-9]" "$OUT/profile-trainpy.txt" | head -60 ;;
+  5) bench h 400 --quick ;;
 esac

@@ -5,10 +5,11 @@
 Rows: the ViT-L MLP GEMMs (12608 tokens; 1024->4096 and 4096->1024) at 90%/64, 80%/64 and 90%/32, forward
 (y = x W_s^T) and transposed (dx = dy W_s); ViT-L/16 inference end to end (timm, random init, batch 64,
 bf16) with every MLP linear 90% block-sparse in 64-blocks; the ViT-L MLP block training step (fwd+bwd)
-at 90%/64. Dense and sparse run in the same process on the same random data. Times are medians after
-warm-up: GEMMs by `triton.testing.do_bench`, whole forwards/steps by CUDA events around eager calls and
-around replays of one CUDA graph. Each row says whether it meets its target; the GEMM rows also give
-the floor (max of bytes over the measured copy rate and kept FLOPs over the measured dense rate).
+at 90%/64, layer by layer and as one fused node (GELU's backward in fc2's input-grad kernel). Dense and
+sparse run in the same process on the same random data. Times are medians after warm-up: GEMMs by
+`triton.testing.do_bench`, whole forwards/steps by CUDA events around eager calls and around replays of
+one CUDA graph. Each row says whether it meets its target; the GEMM rows also give the floor (max of
+bytes over the measured copy rate and kept FLOPs over the measured dense rate).
 Writes benchmarks/bench-block-<date>.json and .md with the GPU and software versions, after every section.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sparsetrain.sparse import sparsify_  # noqa: E402
 from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand_block_mask  # noqa: E402
 from sparsetrain.sparse.block_linear import fuse_mlp_gelu_  # noqa: E402
 from sparsetrain.sparse.config import BlockConfig  # noqa: E402
+from sparsetrain.sparse.fused_mlp import fuse_block_mlps_  # noqa: E402
 
 # bench.py's timer and environment record (scripts/ is on sys.path when a script runs).
 from bench import cuda_event_median_ms  # noqa: E402
@@ -254,11 +256,15 @@ def _masked_dense_twin(sparse_model: nn.Module, dense_model: nn.Module) -> nn.Mo
 
 
 def _mlp(d: int, h: int) -> nn.Sequential:
+    """timm's ViT MLP (fc1 -> exact GELU -> fc2), held in a Sequential so that `fuse_block_mlps_` can swap it."""
+    from timm.layers import Mlp
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)).to("cuda", DT)
+    return nn.Sequential(Mlp(d, h)).to("cuda", DT)
 
 
 def section_mlp(env: dict) -> list[dict]:
+    """The MLP training step at 90%/64, magnitude and DRESS masks, each run layer by layer (GELU's backward a
+    pass of its own) and as the fused node (`fuse_block_mlps_`: GELU' in fc2's input-grad kernel)."""
     d, h = VIT_L
     x = torch.randn(TOKENS, d, device="cuda", dtype=DT, requires_grad=True)
     gout = torch.randn(TOKENS, d, device="cuda", dtype=DT)
@@ -267,35 +273,40 @@ def section_mlp(env: dict) -> list[dict]:
     timings = {"eager": events_ms(dense_step), "graph": graph_ms(dense_step)}
     rows = []
     for criterion in ("magnitude", "scores"):
-        mlp = copy.deepcopy(dense)
-        sparsify_(mlp, BlockConfig(block_size=64, sparsity=0.9, criterion=criterion), skip_dense_by_default=False)
-        mlp.train()
-        step = lambda: mlp(x).backward(gout)  # noqa: E731
-        error = _dx_error(mlp, x, gout)
-        for mode in ("eager", "graph"):
-            sparse_ms = (events_ms if mode == "eager" else graph_ms)(step)
-            speedup = timings[mode] / sparse_ms
-            what = "magnitude mask" if criterion == "magnitude" else "DRESS scores: blocks re-picked every step"
-            row = {"name": f"ViT-L MLP block fwd+bwd, {TOKENS} tokens, 90% sparse, 64x64, {what}, {mode}",
-                   "dense_ms": timings[mode], "sparse_ms": sparse_ms, "speedup": speedup, "target": MLP_TARGET,
-                   "verdict": verdict(speedup, MLP_TARGET), "dx_rel_err_vs_masked_dense": error,
-                   "backend": mlp[0].backend_reason}
-            rows.append(row)
-            print_row(row)
+        for fused in (False, True):
+            mlp = copy.deepcopy(dense)
+            sparsify_(mlp, BlockConfig(block_size=64, sparsity=0.9, criterion=criterion), skip_dense_by_default=False)
+            if fused:
+                assert fuse_block_mlps_(mlp) == ["0"]
+            mlp.train()
+            step = lambda: mlp(x).backward(gout)  # noqa: E731
+            error = _dx_error(mlp, x, gout)
+            for mode in ("eager", "graph"):
+                sparse_ms = (events_ms if mode == "eager" else graph_ms)(step)
+                speedup = timings[mode] / sparse_ms
+                what = "magnitude mask" if criterion == "magnitude" else "DRESS scores: blocks re-picked every step"
+                how = "fused MLP node (GELU' in fc2's input-grad kernel)" if fused else "layer by layer"
+                row = {"name": f"ViT-L MLP block fwd+bwd, {TOKENS} tokens, 90% sparse, 64x64, {what}, {how}, {mode}",
+                       "dense_ms": timings[mode], "sparse_ms": sparse_ms, "speedup": speedup, "target": MLP_TARGET,
+                       "verdict": verdict(speedup, MLP_TARGET), "dx_rel_err_vs_masked_dense": error,
+                       "backend": mlp[0].fc1.backend_reason}
+                rows.append(row)
+                print_row(row)
     return rows
 
 
 def _dx_error(mlp: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> float:
     """dX of the sparse MLP against the same MLP with masked dense weights, in fp32."""
-    twin = nn.Sequential(nn.Linear(mlp[0].in_features, mlp[0].out_features), nn.GELU(),
-                         nn.Linear(mlp[2].in_features, mlp[2].out_features)).cuda()
+    fc1, fc2 = mlp[0].fc1, mlp[0].fc2
+    twin = nn.Sequential(nn.Linear(fc1.in_features, fc1.out_features), nn.GELU(),
+                         nn.Linear(fc2.in_features, fc2.out_features)).cuda()
     x.grad = None
     mlp(x).backward(gout)
     got = x.grad.float()
     with torch.no_grad():
-        for i in (0, 2):
-            twin[i].weight.copy_(mlp[i].effective_weight().float())
-            twin[i].bias.copy_(mlp[i].bias.float())
+        for i, layer in ((0, fc1), (2, fc2)):
+            twin[i].weight.copy_(layer.effective_weight().float())
+            twin[i].bias.copy_(layer.bias.float())
     xf = x.detach().float().requires_grad_(True)
     twin(xf).backward(gout.float())
     x.grad = None
@@ -311,10 +322,12 @@ def section_profile(env: dict) -> list[dict]:
     x = torch.randn(TOKENS, d, device="cuda", dtype=DT, requires_grad=True)
     gout = torch.randn(TOKENS, d, device="cuda", dtype=DT)
     rows = []
-    for label in ("dense", "sparse 90%/64"):
+    for label in ("dense", "sparse 90%/64", "sparse 90%/64 fused MLP node"):
         mlp = _mlp(d, h)
         if label != "dense":
             sparsify_(mlp, BlockConfig(block_size=64, sparsity=0.9), skip_dense_by_default=False)
+        if label.endswith("fused MLP node"):
+            fuse_block_mlps_(mlp)
         mlp.train()
         for _ in range(3):
             mlp(x).backward(gout)

@@ -57,6 +57,25 @@ def _case(seed: int, block_size: int, dtype=torch.float16):
     return x, w, bias, gy, _block_mask(out_blocks, in_blocks, seed)
 
 
+def _gelu_input(rows: int, features: int) -> torch.Tensor:
+    """A pre-activation h spanning GELU's curved part (where GELU' moves from 0 to 1) and both tails."""
+    g = torch.Generator().manual_seed(rows)
+    return (3 * torch.randn(rows, features, generator=g)).half()
+
+
+def _mlp_case(b: int):
+    """x, (W1, bias1, block mask1), (W2, bias2, block mask2) and gy of a block-sparse MLP d -> hidden -> d; each
+    mask has an empty and a full block row."""
+    x, w1, bias1, _, mask1 = _case(31, b)  # 145 rows: a full and a partial row tile
+    hidden, d = w1.shape
+    g = torch.Generator().manual_seed(b)
+    w2 = (torch.randn(d, hidden, generator=g) / hidden ** 0.5).half()
+    bias2 = torch.randn(d, generator=g).half()
+    mask2 = _block_mask(d // b, hidden // b, seed=b + 1)
+    gy = torch.randn(x.shape[0], d, generator=g).half()
+    return x, (w1, bias1, mask1), (w2, bias2, mask2), gy
+
+
 # --------------------------------------------------------------------- the interpreter's child process
 def _child_forward(x, w, bias, block_mask, block_size, gelu):
     from sparsetrain.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
@@ -77,6 +96,27 @@ def _child_autograd(x, w, bias, gy, block_mask, block_size, grad_mode):
                             grad_mode)
     y.backward(gy.view(1, *gy.shape))
     return y[0].detach(), x.grad, w.grad, bias.grad, learned.grad
+
+
+def _child_gelu_input_grad(gy, w, h, block_mask, block_size):
+    from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
+    return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), gelu_input=h)
+
+
+def _child_mlp(x, fc1, fc2, gy, block_size, grad_mode):
+    """The fused fc1 -> GELU -> fc2 node: output and the gradients of x and of each layer's W, bias, mask."""
+    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.sparse.block_linear import block_sparse_mlp
+    x = x.clone().requires_grad_(True)
+    leaves, operands = [], []
+    for w, bias, mask in (fc1, fc2):
+        w, bias = (t.clone().requires_grad_(True) for t in (w, bias))
+        learned = mask.float().requires_grad_(True)  # the STE mask of DRESS scores
+        leaves += [w, bias, learned]
+        operands.append((w, bias, learned, index_from_block_mask(mask, block_size)))
+    y = block_sparse_mlp(x.view(1, *x.shape), *operands, grad_mode=grad_mode)
+    y.backward(gy.view(1, *gy.shape))
+    return y[0].detach(), x.grad, *(leaf.grad for leaf in leaves)
 
 
 def _child_export_round_trip(w, block_mask, block_size, x):
@@ -149,6 +189,12 @@ def interpreted(tmp_path_factory):
         for grad_mode in ("ste", "masked"):
             x, w, bias, gy, mask = _case(7, b)
             runner.add(f"autograd-{b}-{grad_mode}", _child_autograd, x, w, bias, gy, mask, b, grad_mode)
+    for b in BLOCK_SIZES:
+        _, w, _, gy, mask = _case(11, b)
+        runner.add(f"gelu-dx-{b}", _child_gelu_input_grad, gy, w, _gelu_input(gy.shape[0], w.shape[1]), mask, b)
+        for grad_mode in ("ste", "masked"):
+            x, fc1, fc2, gy = _mlp_case(b)
+            runner.add(f"mlp-{b}-{grad_mode}", _child_mlp, x, fc1, fc2, gy, b, grad_mode)
     x, w, _, _, mask = _case(3, 16)
     runner.add("all-pruned", _child_forward, x, w, None, torch.zeros_like(mask), 16, False)
     runner.add("all-kept", _child_input_grad, torch.randn(x.shape[0], w.shape[0]).half(), w, torch.ones_like(mask),
@@ -186,6 +232,37 @@ def test_input_grad_equals_masked_dense(interpreted, b, seed):
     dx = interpreted[f"dx-{b}-{seed}"]
     ref = gy.double() @ (w.double() * expand_block_mask(mask, b))
     assert dx.shape == (gy.shape[0], w.shape[1]) and _relative_error(dx, ref) < 2e-3
+
+
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_input_grad_with_the_gelu_derivative_epilogue_equals_masked_dense(interpreted, b):
+    """gelu_input=h: dx = (gy @ W_s) * GELU'(h), the dL/dh that GELU's own backward would give."""
+    _, w, _, gy, mask = _case(11, b)
+    h = _gelu_input(gy.shape[0], w.shape[1]).double().requires_grad_(True)
+    F.gelu(h).backward(gy.double() @ (w.double() * expand_block_mask(mask, b)))
+    dh = interpreted[f"gelu-dx-{b}"]
+    assert dh.shape == h.shape and dh.dtype == gy.dtype and _relative_error(dh, h.grad) < 2e-3
+
+
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+@pytest.mark.parametrize("grad_mode", ["ste", "masked"])
+def test_fused_mlp_matches_two_emulated_linears_and_a_gelu(interpreted, b, grad_mode):
+    """The one-node MLP gives the output and every gradient (x; W, bias and learned block mask of both
+    layers) of fc2(GELU(fc1(x))) on the emulated route, in float64."""
+    x, fc1, fc2, gy = _mlp_case(b)
+    got = interpreted[f"mlp-{b}-{grad_mode}"]
+    xr = x.double().requires_grad_(True)
+    leaves, h = [], xr
+    for i, (w, bias, mask) in enumerate((fc1, fc2)):
+        wr, br, mask_r = (t.double().requires_grad_(True) for t in (w, bias, mask))
+        leaves += [wr, br, mask_r]
+        h = F.linear(h, _masked_weight(wr, expand_block_mask(mask_r, b), grad_mode), br)
+        h = F.gelu(h) if i == 0 else h
+    h.backward(gy.double())
+    refs = [h, xr.grad, *(leaf.grad for leaf in leaves)]
+    assert len(got) == len(refs)
+    for got_t, ref in zip(got, refs):
+        assert got_t.shape == ref.shape and _relative_error(got_t, ref.detach()) < 3e-3
 
 
 def test_no_kept_block_gives_zeros_and_all_kept_is_dense(interpreted):
@@ -314,6 +391,39 @@ def test_fused_gelu_keeps_the_mlp_function():
     expected = mlp(x)
     assert fuse_mlp_gelu_(mlp) == [""] and isinstance(mlp.act, torch.nn.Identity) and mlp.fc1.fuse_gelu
     torch.testing.assert_close(mlp(x), expected)
+
+
+def test_fusing_block_mlps_keeps_parameters_keys_and_function():
+    """fuse_block_mlps_ swaps only timm Mlps whose fc1 and fc2 are block layers with an exact GELU between;
+    state-dict keys stay, and off the kernels (here: the CPU) the fused MLP runs its layers one by one,
+    also after densify_."""
+    from timm.layers import Mlp
+
+    from sparsetrain.sparse import densify_, sparsify_
+    from sparsetrain.sparse.config import BlockConfig, Semi24Config
+    from sparsetrain.sparse.fused_mlp import BlockSparseMlp, fuse_block_mlps_
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Mlp(64, 128), Mlp(64, 128, act_layer=torch.nn.ReLU), Mlp(64, 128, drop=0.1))
+    sparsify_(model, BlockConfig(block_size=16, sparsity=0.5, criterion="scores"), skip_dense_by_default=False)
+    model.train()
+    x = torch.randn(3, 5, 64)
+    keys = list(model.state_dict())
+
+    def run():
+        torch.manual_seed(1)  # the third MLP's dropout draws the same
+        return model(x)
+
+    expected = run()
+    assert fuse_block_mlps_(model) == ["0"] and isinstance(model[0], BlockSparseMlp)
+    assert list(model.state_dict()) == keys and fuse_block_mlps_(model) == []
+    torch.testing.assert_close(run(), expected)
+    model[0](x).sum().backward()
+    assert model[0].fc1.block_scores.grad is not None and model[0].fc2.weight.grad is not None
+    densify_(model)
+    torch.testing.assert_close(run(), expected)
+    two_four = Mlp(64, 128)
+    sparsify_(two_four, Semi24Config(), skip_dense_by_default=False)
+    assert fuse_block_mlps_(two_four) == []
 
 
 # --------------------------------------------------------------------- tuning cache (no GPU needed)
@@ -491,6 +601,42 @@ def test_gpu_tuning_is_written_to_the_cache_file(tmp_path, monkeypatch):
     (key, config), = stored.items()
     assert key.startswith("forward|256x512|b32|density0.2|rows2048|bfloat16|none|")
     assert bsr_autotune.KernelConfig(**config) in bsr_autotune.CANDIDATES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("criterion", ["magnitude", "scores"])
+@pytest.mark.parametrize("grad_mode", ["ste", "masked"])
+def test_gpu_fused_mlp_equals_the_mlp_run_layer_by_layer(criterion, grad_mode):
+    """The one-node block MLP (GELU' in fc2's input-grad kernel) gives the output and gradients of the same
+    MLP run layer by layer on the kernels, under bf16 autocast, at ViT-B widths."""
+    _gpu()
+    import copy
+
+    from timm.layers import Mlp
+
+    from sparsetrain.sparse import sparsify_
+    from sparsetrain.sparse.config import BlockConfig
+    from sparsetrain.sparse.fused_mlp import BlockSparseMlp, fuse_block_mlps_
+    torch.manual_seed(0)
+    mlp = Mlp(768, 3072).cuda()
+    config = BlockConfig(block_size=64, sparsity=0.9, criterion=criterion, grad_mode=grad_mode)
+    sparsify_(mlp, config, skip_dense_by_default=False)
+    fused = torch.nn.Sequential(copy.deepcopy(mlp))
+    assert fuse_block_mlps_(fused) == ["0"] and isinstance(fused[0], BlockSparseMlp)
+    x = torch.randn(8, 197, 768, device="cuda")
+    outputs = []
+    for model in (mlp, fused):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(xi)
+        y.float().square().mean().backward()
+        outputs.append((y, [xi.grad, *(p.grad for p in model.parameters())]))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fused[0]._fused_dtype(x) == torch.bfloat16  # the fused node ran above
+    assert len(outputs[0][1]) == len(outputs[1][1])
+    assert _relative_error(outputs[1][0], outputs[0][0]) < 1e-2
+    for got, ref in zip(outputs[1][1], outputs[0][1]):
+        assert got is not None and _relative_error(got, ref) < 2e-2
 
 
 @pytest.mark.gpu

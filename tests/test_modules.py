@@ -94,6 +94,39 @@ def test_training_forward_refreshes_the_mask_unless_frozen_or_eval():
     assert sparse.pop_flip_rate() == 0.0
 
 
+def test_eval_forwards_reuse_the_prepared_weight_until_weight_or_mask_change(monkeypatch):
+    """Static 2:4 weights at inference: the backend prepares (compresses) W_s at the first eval forward only,
+    again after an in-place update of the weight or of the mask, and at every training forward."""
+    sparse = SparseLinear.from_dense(seeded_linear(), Semi24Config(), "fc").eval()
+    backend = sparse._backend(sparse.weight.device, sparse.weight.dtype)
+    calls = []
+    original = backend.prepare_weight
+    monkeypatch.setattr(backend, "prepare_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(3, 32)
+
+    def reference():
+        return F.linear(x, sparse.weight * sparse.mask, sparse.bias)
+
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(sparse(x), reference(), **TIGHT)
+        assert len(calls) == 1
+        sparse.weight.mul_(2)
+        torch.testing.assert_close(sparse(x), reference(), **TIGHT)
+        assert len(calls) == 2
+        sparse.mask.copy_(mask_24(torch.randn(16, 32)))
+        torch.testing.assert_close(sparse(x), reference(), **TIGHT)
+        assert len(calls) == 3
+    sparse(x.requires_grad_(True)).sum().backward()  # a gradient wants the input-grad operand too
+    assert len(calls) == 4 and x.grad is not None
+    sparse.train()
+    assert sparse._inference_operands is None
+    sparse.set_mask_frozen(True)
+    sparse(x)
+    sparse(x)
+    assert len(calls) == 6
+
+
 def test_update_mask_returns_flip_rate_and_records_step():
     sparse = SparseLinear.from_dense(seeded_linear(), Semi24Config(), "fc")
     assert sparse.update_mask(step=3) == 0.0

@@ -5,7 +5,10 @@ Each program computes a (BLOCK_M, b) tile of the output and loops over the kept 
 block row (forward) or one block column (input grad), reading those blocks straight from W:
 
     forward      y  = x  @ W_s^T (+ bias, then optionally GELU)   x (rows, in),  y (rows, out)
-    input grad   dx = dy @ W_s                                     dy (rows, out), dx (rows, in)
+    input grad   dx = dy @ W_s (optionally times GELU'(h))         dy (rows, out), dx (rows, in)
+
+The input grad's GELU' epilogue serves a block-sparse MLP fc1 -> GELU -> fc2: fc2's input grad, times
+GELU' at fc1's pre-activation h, is dL/dh, so GELU's backward never runs as a pass of its own.
 
 Pruned blocks are never read, so W_s = W * block_mask without ever writing W * block_mask.
 The index is built from a bool block mask by torch ops alone (cumsum + scatter: no host sync, no
@@ -81,22 +84,38 @@ def index_from_block_mask(block_mask: torch.Tensor, block_size: int, density: fl
 
 
 @triton.jit
-def _erf(x):
-    """erf to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26; far below bf16/fp16 rounding): one reciprocal,
-    one exp and a few FMAs. libdevice's erff evaluates two polynomial branches per element, and in the
-    epilogue of a (128, 64) tile per 4 warps that arithmetic is as long as the memory traffic."""
+def _erf_parts(x):
+    """(erf(x), exp(-x^2)) with erf to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26; far below bf16/fp16
+    rounding): one approximate reciprocal, one exp and a few FMAs. libdevice's erff evaluates two polynomial
+    branches per element, and in the epilogue of a (128, 64) tile per 4 warps that arithmetic is as long as
+    the memory traffic. The exp is returned because GELU's derivative needs the same one."""
     a = tl.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
+    t = tl.fdiv(1.0, 1.0 + 0.3275911 * a)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    y = 1.0 - poly * tl.exp(-a * a)
-    return tl.where(x < 0, -y, y)
+    gauss = tl.exp(-a * a)
+    y = 1.0 - poly * gauss
+    return tl.where(x < 0, -y, y), gauss
 
 
 @triton.jit
-def _block_sparse_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, counts_ptr, blocks_ptr,
-                            rows, stride_a, stride_w, stride_out, stride_blocks, out_blocks,
+def _gelu(h):
+    """The erf GELU of nn.GELU's default: h * Phi(h)."""
+    erf, _ = _erf_parts(h * 0.7071067811865476)
+    return 0.5 * h * (1.0 + erf)
+
+
+@triton.jit
+def _gelu_grad(h):
+    """d GELU(h) / dh = Phi(h) + h * phi(h); phi(h) = exp(-h^2 / 2) / sqrt(2 pi) is erf's own exp."""
+    erf, gauss = _erf_parts(h * 0.7071067811865476)
+    return 0.5 * (1.0 + erf) + h * 0.3989422804014327 * gauss
+
+
+@triton.jit
+def _block_sparse_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, counts_ptr, blocks_ptr, h_ptr,
+                            rows, stride_a, stride_w, stride_out, stride_blocks, out_blocks, stride_h,
                             TRANSPOSED: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_GRAD: tl.constexpr):
     """out[:, n*B:(n+1)*B] = sum over the kept blocks k of block row (or column) n of a[:, k*B:(k+1)*B] @ block.
 
     Forward (TRANSPOSED False): the block is W[n*B:, k*B:]^T. Input grad: W[k*B:, n*B:] as stored.
@@ -125,8 +144,12 @@ def _block_sparse_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, counts_ptr, blocks_
         acc = tl.dot(a, w, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n * B + offs_b).to(tl.float32)[None, :]
-    if GELU:  # the erf GELU of nn.GELU's default
-        acc = 0.5 * acc * (1.0 + _erf(acc * 0.7071067811865476))
+    if GELU:
+        acc = _gelu(acc)
+    if GELU_GRAD:  # times GELU' at the pre-activation h (same shape as the output)
+        h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_h + (n * B + offs_b)[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        acc = acc * _gelu_grad(h.to(tl.float32))
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + (n * B + offs_b)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -149,7 +172,7 @@ def _check_operands(a: torch.Tensor, weight: torch.Tensor, index: BlockIndex, a_
         raise ValueError(f"{what} needs row-major operands (last stride 1); call .contiguous() first")
 
 
-def _launch(a, weight, index, bias, gelu, transposed, config):
+def _launch(a, weight, index, bias, gelu, transposed, config, gelu_input=None):
     rows = a.shape[0]
     out_features = weight.shape[1] if transposed else weight.shape[0]
     counts, blocks = (index.col_counts, index.col_blocks) if transposed else (index.row_counts, index.row_blocks)
@@ -160,18 +183,21 @@ def _launch(a, weight, index, bias, gelu, transposed, config):
     def run(cfg: bsr_autotune.KernelConfig) -> None:
         grid = (triton.cdiv(rows, cfg.block_m) * out_blocks,)
         _block_sparse_mm_kernel[grid](
-            a, weight, bias if bias is not None else a, out, counts, blocks,
+            a, weight, bias if bias is not None else a, out, counts, blocks, a if gelu_input is None else gelu_input,
             rows, a.stride(0), weight.stride(0), out.stride(0), blocks.stride(0), out_blocks,
+            0 if gelu_input is None else gelu_input.stride(0),
             TRANSPOSED=transposed, B=b, BLOCK_M=cfg.block_m, HAS_BIAS=bias is not None, GELU=gelu,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            GELU_GRAD=gelu_input is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if rows == 0:
         return out
     if config is None and a.device.type != "cuda":  # Triton's CPU interpreter: nothing to tune
         config = bsr_autotune.DEFAULT
     if config is None:
+        # "gelu" names the GELU epilogue of either direction (the input grad's is GELU's derivative).
         key = bsr_autotune.TuningKey.of("input_grad" if transposed else "forward", rows, weight.shape, b,
-                                        index.density, a.dtype, bias is not None, gelu, a.device)
+                                        index.density, a.dtype, bias is not None, gelu or gelu_input is not None,
+                                        a.device)
         config = bsr_autotune.pick(key, run)
     run(config)
     return out
@@ -191,7 +217,13 @@ def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: BlockIndex
 
 
 def block_sparse_input_grad(gy: torch.Tensor, weight: torch.Tensor, index: BlockIndex,
+                            gelu_input: torch.Tensor | None = None,
                             config: bsr_autotune.KernelConfig | None = None) -> torch.Tensor:
-    """gy (rows, out) @ W_s: the input gradient of `block_sparse_linear`."""
+    """gy (rows, out) @ W_s: the input gradient of `block_sparse_linear`; times GELU'(gelu_input)
+    elementwise when gelu_input (rows, in), the pre-activation that a GELU turned into this input, is given."""
     _check_operands(gy, weight, index, weight.shape[0], "block_sparse_input_grad")
-    return _launch(gy, weight, index, None, False, transposed=True, config=config)
+    if gelu_input is not None and (gelu_input.shape != (gy.shape[0], weight.shape[1]) or gelu_input.dtype != gy.dtype
+                                   or gelu_input.stride(1) != 1 or gelu_input.device != gy.device):
+        raise ValueError(f"gelu_input must be a row-major ({gy.shape[0]}, {weight.shape[1]}) {gy.dtype} tensor on "
+                         f"{gy.device}, got {gelu_input.dtype} {tuple(gelu_input.shape)}")
+    return _launch(gy, weight, index, None, False, transposed=True, config=config, gelu_input=gelu_input)

@@ -98,23 +98,89 @@ class _BlockSparseLinear(Function):
         x2d, weight, block_mask = ctx.saved_tensors
         gy2d = _row_major(gy.reshape(-1, gy.shape[-1]))
         need_x, need_w, need_b, need_mask = ctx.needs_input_grad[:4]
-        grad_x = grad_w = grad_b = grad_mask = None
+        grad_x = None
         if need_x:
             grad_x = block_sparse_input_grad(gy2d, weight, ctx.index).reshape(ctx.x_shape)
-        if need_w or need_mask:
-            dense = gy2d.t() @ x2d  # dL/dW_s for every block, pruned ones too
-            b = ctx.index.block_size
-            blocks = dense.view(weight.shape[0] // b, b, weight.shape[1] // b, b)
-            if need_w:
-                masked = ctx.grad_mode == "masked"
-                grad_w = (blocks * block_mask.to(dense.dtype)[:, None, :, None]).view_as(dense) if masked else dense
-            if need_mask:
-                products = blocks * weight.view_as(blocks)
-                grad_mask = products.sum(dim=(1, 3), dtype=torch.float32).to(block_mask.dtype)
-        if need_b:
-            # Summing thousands of bf16 rows in bf16 loses the small ones.
-            grad_b = gy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        grad_w, grad_b, grad_mask = _parameter_grads(gy2d, x2d, weight, block_mask, ctx.index.block_size,
+                                                     ctx.grad_mode, ctx.bias_dtype, need_w, need_b, need_mask)
         return grad_x, grad_w, grad_b, grad_mask, None, None
+
+
+def _parameter_grads(gy2d: Tensor, x2d: Tensor, weight: Tensor, block_mask: Tensor | None, b: int, grad_mode: str,
+                     bias_dtype, need_w: bool, need_b: bool, need_mask: bool):
+    """dL/dW, dL/dbias and dL/d(block mask) of y = x @ (W * expand(block_mask))^T + bias (None where not needed).
+
+    The weight grad is one dense GEMM: the STE and the score gradient need every block of it.
+    """
+    grad_w = grad_b = grad_mask = None
+    if need_w or need_mask:
+        dense = gy2d.t() @ x2d  # dL/dW_s for every block, pruned ones too
+        blocks = dense.view(weight.shape[0] // b, b, weight.shape[1] // b, b)
+        if need_w:
+            masked = grad_mode == "masked"
+            grad_w = (blocks * block_mask.to(dense.dtype)[:, None, :, None]).view_as(dense) if masked else dense
+        if need_mask:
+            products = blocks * weight.view_as(blocks)
+            grad_mask = products.sum(dim=(1, 3), dtype=torch.float32).to(block_mask.dtype)
+    if need_b:
+        # Summing thousands of bf16 rows in bf16 loses the small ones.
+        grad_b = gy2d.sum(0, dtype=torch.float32).to(bias_dtype)
+    return grad_w, grad_b, grad_mask
+
+
+class _BlockSparseMlp(Function):
+    """y = fc2(GELU(fc1(x))) with both linears block-sparse on the kernels, as one autograd node.
+
+    Its backward runs fc2's input grad with GELU's derivative in the kernel's epilogue, giving dL/dh (h: fc1's
+    pre-activation) straight away: the separate GELU backward pass (read dL/da and h, write dL/dh) and the
+    write of dL/da are gone. Each layer's operands are (weight, bias, block mask, index) as _BlockSparseLinear
+    takes them; the same tensors are saved as by the three separate nodes (x, h, a).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, mask1, w2, b2, mask2, index1, index2, grad_mode):
+        from sparsetrain.kernels.bsr_matmul import block_sparse_linear
+
+        x2d = _row_major(x.reshape(-1, x.shape[-1]))
+        h = block_sparse_linear(x2d, w1, index1, b1)
+        a = torch.nn.functional.gelu(h)
+        y2d = block_sparse_linear(a, w2, index2, b2)
+        ctx.indexes, ctx.grad_mode, ctx.x_shape = (index1, index2), grad_mode, x.shape
+        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+        ctx.save_for_backward(x2d, h, a, w1, mask1, w2, mask2)
+        return y2d.reshape(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad
+
+        x2d, h, a, w1, mask1, w2, mask2 = ctx.saved_tensors
+        (index1, index2), (bias1_dtype, bias2_dtype) = ctx.indexes, ctx.bias_dtypes
+        need = ctx.needs_input_grad
+        gy2d = _row_major(gy.reshape(-1, gy.shape[-1]))
+        grad_w2, grad_b2, grad_mask2 = _parameter_grads(gy2d, a, w2, mask2, index2.block_size, ctx.grad_mode,
+                                                        bias2_dtype, need[4], need[5], need[6])
+        grad_x = grad_w1 = grad_b1 = grad_mask1 = None
+        if any(need[:4]):
+            grad_h = block_sparse_input_grad(gy2d, w2, index2, gelu_input=h)
+            if need[0]:
+                grad_x = block_sparse_input_grad(grad_h, w1, index1).reshape(ctx.x_shape)
+            grad_w1, grad_b1, grad_mask1 = _parameter_grads(grad_h, x2d, w1, mask1, index1.block_size, ctx.grad_mode,
+                                                            bias1_dtype, need[1], need[2], need[3])
+        return grad_x, grad_w1, grad_b1, grad_mask1, grad_w2, grad_b2, grad_mask2, None, None, None
+
+
+def block_sparse_mlp(x: Tensor, fc1: tuple, fc2: tuple, grad_mode: str = "ste") -> Tensor:
+    """fc2(GELU(fc1(x))) on the kernels, GELU's backward fused into fc2's input grad (see _BlockSparseMlp).
+
+    fc1, fc2: (weight, bias, block_mask, index) of each linear, as `block_sparse_linear` takes them (weights
+    and biases in x's dtype; block_mask None, bool for grad_mode "masked", or a float STE mask).
+    """
+    if grad_mode == "masked" and (fc1[2] is None or fc2[2] is None):
+        raise ValueError("grad_mode='masked' needs both block masks to mask the weight gradients")
+    (w1, b1, mask1, index1), (w2, b2, mask2, index2) = fc1, fc2
+    b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))
+    return _BlockSparseMlp.apply(x, w1, b1, mask1, w2, b2, mask2, index1, index2, grad_mode)
 
 
 def block_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block_mask: Tensor | None, index,

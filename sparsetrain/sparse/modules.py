@@ -144,6 +144,7 @@ class SparseGemmLayer(nn.Module):
         self._backends: dict[tuple[torch.device, torch.dtype], tuple[Backend, str]] = {}
         self._block_routes: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
         self._block_index = None  # ((stored mask's storage, version, level), its block mask, its BlockIndex)
+        self._inference_operands = None  # (key, PreparedWeight) of eval-mode forwards: see _inference_weight
         self._backend_key: tuple[torch.device, torch.dtype] | None = None
         # Block layers run at a level the schedule may move; 2:4 is always 0.5.
         self.level = config.sparsity if isinstance(config, BlockConfig) else SEMI_STRUCTURED_LEVEL
@@ -358,7 +359,27 @@ class SparseGemmLayer(nn.Module):
             return backend.refresh_weight(w, self.mask, self.flip_count, need_input_grad)
         if refresh:
             self._store_mask(self._fresh_mask(w), step=None)
-        return backend.prepare_weight(w, self.mask, need_input_grad)[1]
+        if self.training or torch.compiler.is_compiling():  # dynamo cannot trace the version counters
+            return backend.prepare_weight(w, self.mask, need_input_grad)[1]
+        return self._inference_weight(w, backend, need_input_grad)
+
+    def _inference_weight(self, w: Tensor, backend: Backend, need_input_grad: bool) -> PreparedWeight:
+        """The operands of an eval-mode forward, made once and reused while weight and mask stay as they are.
+
+        An exported or evaluated model then pays its compression (one kernel launch per layer, or two
+        `_cslt_compress`) at the first forward only: static 2:4 weights. The key holds the parameter's and the
+        mask's version counters and storages, so an in-place update or a `.to()` makes them anew.
+        """
+        key = (id(backend), w.dtype, w.device, need_input_grad, self.weight.data_ptr(), self.weight._version,
+               self.mask.data_ptr(), self.mask._version)
+        if self._inference_operands is None or self._inference_operands[0] != key:
+            self._inference_operands = None  # free the old operands before making the new ones
+            self._inference_operands = (key, backend.prepare_weight(w, self.mask, need_input_grad)[1])
+        return self._inference_operands[1]
+
+    def train(self, mode: bool = True):
+        self._inference_operands = None  # training changes the weights: the eval operands would only hold memory
+        return super().train(mode)
 
     def _block_gemm(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         """A block layer's x @ W_s^T + b (then GELU if fused): on the kernels where they serve, else masked dense."""
@@ -371,6 +392,20 @@ class SparseGemmLayer(nn.Module):
             return block_sparse_linear_gelu(x, w, bias, index)
         y = block_sparse_linear(x, w, bias, block_mask, index, config.grad_mode)
         return F.gelu(y) if self.fuse_gelu else y
+
+    def block_kernels_serve(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this layer's next forward on `device` in compute `dtype` runs on the block-sparse kernels."""
+        config = self.sparse_config
+        return (self._active and isinstance(config, BlockConfig)
+                and kernel_serves(config.backend, self._block_route(device, dtype), self.level))
+
+    def block_kernel_operands(self, dtype: torch.dtype) -> tuple:
+        """(weight, bias, block mask, index) in compute `dtype` for a caller that runs this block layer on the
+        kernels itself (`fused_mlp.BlockSparseMlp`), after `block_kernels_serve` said yes. Learned scores pick
+        the blocks now, as a forward of the layer would."""
+        w = self._weight_2d().to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return (w, bias, *self._block_mask_and_index())
 
     def _block_mask_and_index(self):
         """The block mask autograd needs (see block_linear) and the kernels' index of this forward's blocks.

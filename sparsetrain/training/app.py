@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from sparsetrain.sparse.config import config_from_dict
+from sparsetrain.sparse.config import BlockConfig, config_from_dict
+from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, sparsify_
 from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, Throughput,
@@ -105,7 +106,15 @@ def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
     for key in ("subnet_levels", "subnet_weights", "score_lr_scale", "masked_decay"):
         opts.pop(key, None)
     config = config_from_dict(opts)
-    return sparsify_(model, config, include=include, exclude=exclude)
+    records = sparsify_(model, config, include=include, exclude=exclude)
+    if isinstance(config, BlockConfig):
+        # One autograd node per fc1 -> GELU -> fc2 where both run on the kernels: GELU's backward moves into
+        # fc2's input-grad kernel. Same parameters and state-dict keys; elsewhere the layers run one by one.
+        fused = fuse_block_mlps_(model)
+        if fused:
+            log.info("block-sparse MLPs fused into one node where they run on the kernels: %d (%s, ...)",
+                     len(fused), fused[0])
+    return records
 
 
 def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:

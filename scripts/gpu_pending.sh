@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What the code does that no device run has measured yet, in batches of at most ~560 s (output in $OUT).
+# Run the stages in order on one warm machine; each writes its logs and reports under $OUT.
+#   bash scripts/gpu_pending.sh 1   every GPU test (one process per file); bench_block mlp + profile (the fused
+#                                   block MLP node vs layer by layer, issue #6)
+#   bash scripts/gpu_pending.sh 2   bench b, c, d, f, g (issue #5: the in-place prune + flip count, host time,
+#                                   MLP block, activation 2:4 on the fused kernel, inference incl. the library's
+#                                   eval-mode SparseLinear)
+#   bash scripts/gpu_pending.sh 3   bench i (train.py vs the bare loop, eager and reduce-overhead); host profile
+#                                   of train.py
+#   bash scripts/gpu_pending.sh 4   bench h (the ViT-L step compiled, with our graph, and reduce-overhead)
+# Carry .whl (../shared/gpu/wheels.sh) for hydra/omegaconf, which the device image lacks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/sparsetrain-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$OUT/env.txt"
+
+bench() {  # sections, time limit, other bench.py arguments
+  echo "=== bench $1 ($(date +%T))"
+  local tag=${1//,/}  # one folder per call: reports are named by the minute they start
+  timeout "$2" python3 scripts/bench.py ${3:-} --only "$1" --out "$OUT/bench-$tag" > "$OUT/bench-$tag.log" 2>&1
+  grep -E "^  |FAILED|Error|error" "$OUT/bench-$tag.log" | cut -c1-260 | tail -45
+}
+
+case "${1:-1}" in
+  1) GPU_TEST_FILE_SECONDS=150 bash scripts/gpu_tests.sh
+     echo "=== bench_block mlp,profile ($(date +%T))"
+     timeout 170 python3 scripts/bench_block.py --only mlp,profile --out "$OUT/bench-block" > "$OUT/bench-block.log" 2>&1
+     grep -E "^  |FAILED|Error|error" "$OUT/bench-block.log" | cut -c1-260 | tail -30 ;;
+  2) bench b,c,d,f,g 520 --quick ;;
+  3) bench i 330 "--quick --train-modes eager,reduce-overhead"
+     echo "=== profile train.py ($(date +%T))"
+     timeout 150 python3 scripts/profile_host.py trainpy --top 40 -- recipe=vit_l_24 data=synthetic \
+       data.batch_size=64 data.train_size=1920 data.num_workers=6 trainer.max_steps=30 trainer.limit_val_batches=1 \
+       trainer.enable_progress_bar=false logger=csv paths.root=/tmp/profile-runs > "$OUT/profile-trainpy.txt" 2>&1
+     grep -E "ncalls|^ +[0-9]" "$OUT/profile-trainpy.txt" | head -60 ;;
+  4) bench h 520 --quick ;;
+  *) echo "usage: bash scripts/gpu_pending.sh 1|2|3|4" >&2; exit 2 ;;
+esac

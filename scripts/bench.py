@@ -689,11 +689,13 @@ TRAIN_PY_STEPS = 25  # train.py's Throughput: 5 warm-up steps, then one window o
 TRAIN_PY_WORKERS = 6  # synthetic images are drawn on the CPU; 6 loader workers keep up with a ViT-L step
 
 
-def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None) -> float:
+def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph: bool = False) -> float:
     """train.py's vit_l_24 step without Lightning: the same model, sparsity, bf16 autocast over fp32
-    weights, AdamW, grad-norm clipping and label smoothing, on one batch that stays on the GPU."""
+    weights (without its cache, as Lightning runs it), AdamW, grad-norm clipping and label smoothing, on one
+    batch that stays on the GPU; cuda_graph: forward+backward through GraphedTraining, as train.py's option."""
     from sparsetrain.sparse import Semi24Config, sparsify_
     from sparsetrain.training.compile import compile_in_place
+    from sparsetrain.training.cuda_graphs import GraphedTraining
     from sparsetrain.training.models import create_model
     torch.manual_seed(0)
     model = create_model("vit_large_patch16_224", num_classes=10, img_size=224, drop_path_rate=0.2).cuda().train()
@@ -701,12 +703,14 @@ def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None) -> float:
         sparsify_(model, Semi24Config(), include=("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"))
     if compile_mode is not None:
         compile_in_place(model, compile_mode, "cuda", torch.bfloat16)
+    if cuda_graph:
+        GraphedTraining(model).install()
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05)
     images = torch.randn(64, 3, 224, 224, device="cuda")
     labels = torch.randint(0, 10, (64,), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
@@ -727,15 +731,16 @@ def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None) -> float:
         torch.cuda.empty_cache()
 
 
-def _train_py_images_per_s(sparsity: str, compile_mode: str | None, root: pathlib.Path) -> float:
+def _train_py_images_per_s(sparsity: str, compile_mode: str | None, root: pathlib.Path,
+                           cuda_graph: bool = False) -> float:
     """images_per_second from summary.json of `python train.py recipe=vit_l_24 data=synthetic ...`."""
     import subprocess
-    run_name = f"{sparsity}-{compile_mode or 'eager'}"
+    run_name = f"{sparsity}-{compile_mode or 'eager'}{'-graph' if cuda_graph else ''}"
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "train.py"), "recipe=vit_l_24",
            f"sparsity={sparsity}", "data=synthetic", "data.batch_size=64", f"data.train_size={64 * TRAIN_PY_STEPS}",
            f"data.num_workers={TRAIN_PY_WORKERS}", f"trainer.max_steps={TRAIN_PY_STEPS}", "trainer.limit_val_batches=1",
            "sched.warmup_steps=5", "trainer.enable_progress_bar=false", "logger=csv", f"paths.root={root}",
-           f"run_name={run_name}", f"compile={compile_mode or 'null'}"]
+           f"run_name={run_name}", f"compile={compile_mode or 'null'}", f"cuda_graph={str(cuda_graph).lower()}"]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
@@ -743,8 +748,9 @@ def _train_py_images_per_s(sparsity: str, compile_mode: str | None, root: pathli
     return json.loads((root / "vit_l_24" / run_name / "summary.json").read_text())["images_per_second"]
 
 
-# Section i's modes: train.py's `compile:` value per row (None: eager). --train-modes picks.
-TRAIN_MODES = {"eager": None, "default": "default", "reduce-overhead": "reduce-overhead"}
+# Section i's modes: train.py's (`compile:`, `cuda_graph:`) per row (None, False: eager). --train-modes picks.
+TRAIN_MODES = {"eager": (None, False), "default": ("default", False), "reduce-overhead": ("reduce-overhead", False),
+               "cuda-graph": (None, True)}
 
 
 def section_i(t: Timer, quick: bool) -> list[dict]:
@@ -753,18 +759,18 @@ def section_i(t: Timer, quick: bool) -> list[dict]:
     import tempfile
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for compile_mode in TRAIN_MODES.values():
+        for label, (compile_mode, cuda_graph) in TRAIN_MODES.items():
             for sparsity in ("semi24",) if quick else ("semi24", "dense"):
                 try:
-                    through = _train_py_images_per_s(sparsity, compile_mode, pathlib.Path(root))
-                    bare = _bare_loop_images_per_s(sparsity, compile_mode)
+                    through = _train_py_images_per_s(sparsity, compile_mode, pathlib.Path(root), cuda_graph)
+                    bare = _bare_loop_images_per_s(sparsity, compile_mode, cuda_graph)
                     rows.append({"name": f"vit_l_24 {sparsity} train.py vs bare loop (bf16-mixed, batch 64, "
-                                         f"{TRAIN_PY_WORKERS} loader workers)", "mode": f"compile={compile_mode}"
-                                 if compile_mode else "eager", "train_py_img_s": round(through, 1),
+                                         f"{TRAIN_PY_WORKERS} loader workers)", "mode": label,
+                                 "train_py_img_s": round(through, 1),
                                  "bare_loop_img_s": round(bare, 1), "ratio": round(through / bare, 3),
                                  "verdict": "within 3%" if through >= 0.97 * bare else "MISSED (over 3% slower)"})
                 except Exception as e:
-                    rows.append({"name": f"vit_l_24 {sparsity} train.py vs bare loop, compile={compile_mode}",
+                    rows.append({"name": f"vit_l_24 {sparsity} train.py vs bare loop, {label}",
                                  "error": f"{type(e).__name__}: {e}"[:600]})
                 print_row(rows[-1])
     return rows
@@ -942,7 +948,7 @@ def main() -> int:
     parser.add_argument("--step-modes", default=",".join(STEP_MODES),
                         help=f"section h's compiled modes ({','.join(STEP_MODES)})")
     parser.add_argument("--train-modes", default="eager,default",
-                        help=f"section i's train.py compile modes ({','.join(TRAIN_MODES)})")
+                        help=f"section i's train.py modes ({','.join(TRAIN_MODES)})")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     args = parser.parse_args()
     for modes, wanted in ((STEP_MODES, args.step_modes), (TRAIN_MODES, args.train_modes)):

@@ -6,9 +6,10 @@
 #   bash scripts/gpu_pending.sh 2   bench b, c, d, f, g (issue #5: the in-place prune + flip count, host time,
 #                                   MLP block, activation 2:4 on the fused kernel, inference incl. the library's
 #                                   eval-mode SparseLinear)
-#   bash scripts/gpu_pending.sh 3   bench i (train.py vs the bare loop, eager and reduce-overhead); host profile
-#                                   of train.py
-#   bash scripts/gpu_pending.sh 4   bench h (the ViT-L step compiled, with our graph, and reduce-overhead)
+#   bash scripts/gpu_pending.sh 3   bench i, 2:4 and dense: train.py vs the bare loop, eager and cuda_graph=true
+#                                   (forward+backward replayed from captured graphs)
+#   bash scripts/gpu_pending.sh 4   bench h (the ViT-L step compiled, with our graph, and reduce-overhead); bench i
+#                                   under compile=reduce-overhead; host profile of eager train.py
 # Carry .whl (../shared/gpu/wheels.sh) for hydra/omegaconf, which the device image lacks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,12 +31,13 @@ case "${1:-1}" in
      timeout 170 python3 scripts/bench_block.py --only mlp,profile --out "$OUT/bench-block" > "$OUT/bench-block.log" 2>&1
      grep -E "^  |FAILED|Error|error" "$OUT/bench-block.log" | cut -c1-260 | tail -30 ;;
   2) bench b,c,d,f,g 520 --quick ;;
-  3) bench i 330 "--quick --train-modes eager,reduce-overhead"
+  3) bench i 540 "--train-modes eager,cuda-graph" ;;
+  4) bench h 250 --quick
+     bench i 160 "--quick --train-modes reduce-overhead"
      echo "=== profile train.py ($(date +%T))"
      timeout 150 python3 scripts/profile_host.py trainpy --top 40 -- recipe=vit_l_24 data=synthetic \
        data.batch_size=64 data.train_size=1920 data.num_workers=6 trainer.max_steps=30 trainer.limit_val_batches=1 \
        trainer.enable_progress_bar=false logger=csv paths.root=/tmp/profile-runs > "$OUT/profile-trainpy.txt" 2>&1
-     grep -E "ncalls|^ +[0-9]" "$OUT/profile-trainpy.txt" | head -60 ;;
-  4) bench h 520 --quick ;;
+     grep -E "ncalls|^ +[0-9]" "$OUT/profile-trainpy.txt" | head -40 ;;
   *) echo "usage: bash scripts/gpu_pending.sh 1|2|3|4" >&2; exit 2 ;;
 esac

@@ -505,6 +505,15 @@ def test_gpu_kernels_equal_masked_dense(b, dtype, shape):
     assert _relative_error(dx, gy.double() @ w_masked) < 1e-2
 
 
+def _bf16_step(module, x, tensors_of):
+    """Output and gradients (x's, then those of tensors_of(module)) of one bf16-autocast forward + backward."""
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = module(xi)
+    y.float().square().mean().backward()
+    return y, [xi.grad, *(t.grad for t in tensors_of(module))]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("criterion", ["magnitude", "scores"])
 @pytest.mark.parametrize("grad_mode", ["ste", "masked"])
@@ -522,16 +531,9 @@ def test_gpu_sparse_linear_auto_runs_the_kernels_and_matches_emulated(criterion,
     fast = SparseLinear.from_dense(copy.deepcopy(dense), BlockConfig(**config), "fast")
     slow = SparseLinear.from_dense(copy.deepcopy(dense), BlockConfig(**config, backend="emulated"), "slow")
     x = torch.randn(8, 197, 1024, device="cuda")
-    outputs = []
-    for layer in (fast, slow):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(xi)
-        y.float().square().mean().backward()
-        grads = [xi.grad, layer.weight.grad, layer.bias.grad]
-        if criterion == "scores":
-            grads.append(layer.block_scores.grad)
-        outputs.append((y, grads))
+    learned = ["block_scores"] if criterion == "scores" else []
+    outputs = [_bf16_step(layer, x, lambda m: [getattr(m, n) for n in ("weight", "bias", *learned)])
+               for layer in (fast, slow)]
     assert fast.describe()["backend"] == "triton_bsr" and "triton_bsr" in fast.describe()["reason"]
     assert torch.equal(fast.mask, slow.mask)
     assert _relative_error(outputs[0][0], outputs[1][0]) < 1e-2
@@ -624,13 +626,7 @@ def test_gpu_fused_mlp_equals_the_mlp_run_layer_by_layer(criterion, grad_mode):
     fused = torch.nn.Sequential(copy.deepcopy(mlp))
     assert fuse_block_mlps_(fused) == ["0"] and isinstance(fused[0], BlockSparseMlp)
     x = torch.randn(8, 197, 768, device="cuda")
-    outputs = []
-    for model in (mlp, fused):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = model(xi)
-        y.float().square().mean().backward()
-        outputs.append((y, [xi.grad, *(p.grad for p in model.parameters())]))
+    outputs = [_bf16_step(model, x, lambda m: m.parameters()) for model in (mlp, fused)]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert fused[0]._fused_dtype(x) == torch.bfloat16  # the fused node ran above
     assert len(outputs[0][1]) == len(outputs[1][1])

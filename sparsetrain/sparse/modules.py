@@ -411,7 +411,8 @@ class SparseGemmLayer(nn.Module):
         """The block mask autograd needs (see block_linear) and the kernels' index of this forward's blocks.
 
         Learned scores pick the blocks every training forward (the index is rebuilt on the GPU, no sync);
-        a stored mask's index is built once per change of the mask (its version counter).
+        a stored mask's index is built once per change of the mask (its version counter), except while a CUDA
+        graph is captured: the graph then rebuilds it at every replay, from the mask as it is at that replay.
         """
         config = self.sparse_config
         from sparsetrain.kernels.bsr_matmul import index_from_block_mask  # imports Triton: only where it runs
@@ -428,11 +429,15 @@ class SparseGemmLayer(nn.Module):
                     self._store_mask(expand_block_mask(kept, b), step=None)
             return block_mask, index_from_block_mask(kept, b, density)
         key = (self.mask.data_ptr(), self.mask._version, self.level)
-        if self._block_index is None or self._block_index[0] != key:
+        capturing = self.mask.is_cuda and torch.cuda.is_current_stream_capturing()
+        entry = self._block_index
+        if capturing or entry is None or entry[0] != key:
             # any(): a mask loaded from weights' nonzeros may miss zeros inside a kept block.
             kept = self.mask.view(m // b, b, k // b, b).any(dim=3).any(dim=1)
-            self._block_index = (key, kept, index_from_block_mask(kept, b, density))
-        _, kept, index = self._block_index
+            entry = (key, kept, index_from_block_mask(kept, b, density))
+            if not capturing:  # a captured index lives in the graph's memory and follows its replays
+                self._block_index = entry
+        _, kept, index = entry
         return (kept if config.grad_mode == "masked" else None), index
 
     def _block_sparse_weight(self, w: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoi
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
 from sparsetrain.training.consistency import MaskAgreement
+from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.module import SparseClassifier
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
@@ -83,6 +84,11 @@ def validate_config(cfg: DictConfig) -> None:
         check_gpu_backend_possible(cfg.sparsity.backend, cfg.trainer)
     if cfg.get("compile") is not None and cfg.compile not in COMPILE_MODES:
         raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
+    if cfg.get("cuda_graph") not in (None, True, False):
+        raise ConfigError(f"cuda_graph={cfg.cuda_graph} must be true or false")
+    conflict = config_conflict(cfg)
+    if conflict is not None:
+        raise ConfigError(conflict)
 
 
 def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig) -> None:
@@ -200,6 +206,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
     if cfg.get("compile") is not None:
         callbacks.append(CompileModel(cfg.compile))
+    if cfg.get("cuda_graph"):
+        callbacks.append(CudaGraphSteps())
     if cfg.sparsity.get("masked_decay"):
         callbacks.append(MaskedDecay(cfg.sparsity.masked_decay))
     if cfg.trainer.enable_progress_bar:

@@ -1,0 +1,161 @@
+"""The `cuda_graph:` option: every training forward + backward replays one captured CUDA graph.
+
+Eager 2:4 training is host-bound: each sparse linear costs ~1.1 ms of Python and launch time per step on
+the H100 (docs/perf-notes.md), more than its GPU time at ViT-L widths. Replaying a graph costs one launch.
+`torch.cuda.make_graphed_callables` captures the network's forward and backward; the loss, the optimizer,
+the schedule and the logging stay eager around it, so Lightning drives training as before.
+
+A graph replays the kernels that one forward chose, so it is only valid for the Python-side state that
+chose them: the input's shape and dtype, autocast, and each sparse layer's flags (active, mask frozen,
+level, fused GELU). That state is the graph's key; a step with a new key captures a new graph (phase
+changes, mask-refresh steps vs frozen ones, the smaller last batch), and a step whose key was seen replays
+it. Eval forwards and forwards without grad run eager. All graphs share one memory pool: only one of them
+runs per step, and nothing a graph returns outlives its step.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+
+from sparsetrain.sparse.sparsify import sparse_modules
+
+log = logging.getLogger("sparsetrain")
+
+MAX_GRAPHS = 6  # keys alive at once (a run sees 2-4); the oldest is dropped beyond that
+
+
+def graph_key(model: nn.Module, x: Tensor) -> tuple:
+    """What a captured forward depends on besides tensor contents."""
+    layers = tuple((layer._active, layer._frozen, layer.level, layer.fuse_gelu) for _, layer in sparse_modules(model))
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return (tuple(x.shape), x.dtype, x.device, autocast, torch.get_autocast_dtype(x.device.type) if autocast else None,
+            layers)
+
+
+class CudaGraphCapture:
+    """capture(model, x): a callable that replays `model`'s forward (and, through autograd, its backward)
+    captured for inputs like x. All its captures share one memory pool.
+
+    One eager forward + backward runs first, with random output gradients: it does the first-use work
+    (cuSPARSELt algorithm searches checked against masked dense, Triton tuning) on real operands, not on the
+    uninitialised gradients that make_graphed_callables' own warm-up feeds. Side effects of the two warm-ups:
+    BatchNorm running statistics move twice more on this batch, and dropout draws advance.
+    """
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        out = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(out, params, grad_outputs=torch.randn_like(out), allow_unused=True)
+        # A clone: make_graphed_callables keeps its sample as the graph's input buffer, refilled at each replay.
+        torch.cuda.make_graphed_callables(model, (x.detach().clone(),), num_warmup_iters=1, allow_unused_input=True,
+                                          pool=self.pool)
+        return model.__dict__.pop("forward")  # the replaying forward make_graphed_callables put on the module
+
+
+class GraphedTraining:
+    """Installs itself as `model.forward` (an instance attribute: parameters, buffers, state_dict keys and
+    checkpoints are untouched) and routes each training forward to the graph of its key (`graph_key`)."""
+
+    def __init__(self, model: nn.Module, capture: Callable[[nn.Module, Tensor], Callable] | None = None):
+        self.model = model
+        self.capture = capture or CudaGraphCapture()
+        self.graphs: OrderedDict[tuple, Callable] = OrderedDict()
+        self.captured = 0
+
+    def install(self) -> None:
+        self.model.forward = self
+
+    def uninstall(self) -> None:
+        self.model.__dict__.pop("forward", None)
+        self.graphs.clear()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not (self.model.training and torch.is_grad_enabled()):
+            return type(self.model).forward(self.model, x)
+        key = graph_key(self.model, x)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            graphed = self._capture(x, key)
+        else:
+            self.graphs.move_to_end(key)
+        return graphed(x)
+
+    def _capture(self, x: Tensor, key: tuple) -> Callable:
+        self.model.__dict__.pop("forward")  # capturing calls the module's own forward
+        try:
+            graphed = self.capture(self.model, x)
+        finally:
+            self.install()
+        if len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = graphed
+        self.captured += 1
+        log.info("cuda_graph: capture %d of the training forward+backward (input %s, %d sparse layers)",
+                 self.captured, tuple(x.shape), len(key[-1]))
+        return graphed
+
+
+def config_conflict(cfg) -> str | None:
+    """Why the composed config cannot train on captured graphs (naming the fix), or None when it can."""
+    if not cfg.get("cuda_graph"):
+        return None
+    if cfg.get("compile") is not None:
+        return (f"cuda_graph=true with compile={cfg.compile}: use one of them (compile=reduce-overhead captures "
+                "CUDA graphs itself)")
+    if int(cfg.trainer.get("accumulate_grad_batches") or 1) > 1:
+        return ("cuda_graph=true with trainer.accumulate_grad_batches > 1: a replay overwrites the gradient buffers "
+                "autograd handed to the parameters; set one of them back (cuda_graph=false or accumulate_grad_batches=1)")
+    if cfg.sparsity.get("subnet_levels"):
+        return ("cuda_graph=true with multi-subnet DRESS (sparsity.subnet_levels): several forwards share one "
+                "backward; set cuda_graph=false")
+    return None
+
+
+def why_not_graphed(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+    """Why this run cannot train on captured graphs where it stands (device, ranks), or None when it can."""
+    if pl_module.device.type != "cuda":
+        return f"training runs on {pl_module.device.type}; CUDA graphs need a CUDA GPU"
+    if trainer.world_size > 1:
+        return (f"{trainer.world_size} ranks: graphed steps under DDP are not tested yet; set cuda_graph=false for "
+                "multi-GPU runs")
+    return None
+
+
+class CudaGraphSteps(L.Callback):
+    """The `cuda_graph: true` option: GraphedTraining on `pl_module.model` for the fit, where it can run.
+
+    On the CPU it logs why and trains eager (like `compile:`); a multi-GPU run stops before the first step with
+    the reason and the fix. Settings it cannot serve are refused with the config (`config_conflict`).
+    """
+
+    def __init__(self):
+        self.graphs: GraphedTraining | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        reason = why_not_graphed(trainer, pl_module)
+        if reason is not None and pl_module.device.type != "cuda":
+            log.info("cuda_graph skipped: %s", reason)
+            return
+        if reason is not None:
+            raise ValueError(f"cuda_graph=true cannot run here: {reason}")
+        self.graphs = GraphedTraining(pl_module.model)
+        self.graphs.install()
+        log.info("cuda_graph: each training forward+backward replays a captured graph (captured per phase)")
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.graphs is not None:
+            self.graphs.uninstall()
+            self.graphs = None
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.on_fit_end(trainer, pl_module)

@@ -1,0 +1,141 @@
+"""The `cuda_graph:` option's bookkeeping, on the CPU: which forwards capture, which replay, which run eager.
+
+A stand-in capture (it runs the module's own forward and counts) takes the place of
+torch.cuda.make_graphed_callables; tests/test_gpu_cuda_graphs.py holds real graphs to eager on a GPU.
+"""
+import pytest
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from sparsetrain.sparse import BlockConfig, Semi24Config, sparse_modules, sparsify_
+from sparsetrain.training import cuda_graphs
+from sparsetrain.training.app import ConfigError, train, validate_config
+from sparsetrain.training.cuda_graphs import GraphedTraining
+from tests.helpers import TINY, compose_cfg
+
+
+class CountingCapture:
+    """capture(model, x) -> a 'graph' that runs the module's own forward and counts its replays."""
+
+    def __init__(self):
+        self.keys, self.replays = [], 0
+
+    def __call__(self, model, x):
+        assert "forward" not in model.__dict__, "capture must call the module's own forward"
+        self.keys.append(cuda_graphs.graph_key(model, x))
+
+        def replay(inputs):
+            self.replays += 1
+            return type(model).forward(model, inputs)
+        return replay
+
+
+def sparse_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(64, 128), nn.Linear(64, 10))
+    sparsify_(model, Semi24Config(), include=["0.*"])
+    return model.train()
+
+
+def test_a_key_captures_once_and_replays_after():
+    model, capture = sparse_mlp(), CountingCapture()
+    graphs = GraphedTraining(model, capture)
+    graphs.install()
+    x = torch.randn(8, 64)
+    expected = type(model).forward(model, x)
+    torch.testing.assert_close(model(x), expected)
+    model(x).sum().backward()
+    assert len(capture.keys) == 1 and capture.replays == 2
+    assert model[0].fc1.weight.grad is not None  # autograd runs through the replayed forward
+
+
+def test_each_phase_input_shape_and_autocast_gets_its_own_graph():
+    model, capture = sparse_mlp(), CountingCapture()
+    GraphedTraining(model, capture).install()
+    layers = [layer for _, layer in sparse_modules(model)]
+    x = torch.randn(8, 64)
+    model(x)
+    for layer in layers:
+        layer.set_mask_frozen(True)
+    model(x)
+    model(x)
+    for layer in layers:
+        layer.set_mask_frozen(False)
+    model(x)  # back to the first key: a replay, no capture
+    layers[0].set_active(False)
+    model(x)
+    model(torch.randn(5, 64))  # the smaller last batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert len(capture.keys) == 5 and len(set(capture.keys)) == 5
+    assert capture.replays == 7
+
+
+def test_eval_and_no_grad_forwards_run_eager():
+    model, capture = sparse_mlp(), CountingCapture()
+    GraphedTraining(model, capture).install()
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    assert capture.keys == [] and capture.replays == 0
+
+
+def test_state_dict_is_untouched_and_uninstall_restores_the_class_forward():
+    model, capture = sparse_mlp(), CountingCapture()
+    keys = list(model.state_dict())
+    graphs = GraphedTraining(model, capture)
+    graphs.install()
+    model(torch.randn(8, 64))
+    assert list(model.state_dict()) == keys
+    model.load_state_dict(model.state_dict())
+    graphs.uninstall()
+    assert "forward" not in model.__dict__ and graphs.graphs == {}
+    model(torch.randn(8, 64))
+    assert capture.replays == 1  # the replay before uninstall only
+
+
+def test_the_oldest_graph_is_dropped_beyond_the_limit(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    model, capture = sparse_mlp(), CountingCapture()
+    graphs = GraphedTraining(model, capture)
+    graphs.install()
+    for rows in (1, 2, 3, 1):
+        model(torch.randn(rows, 64))
+    assert len(graphs.graphs) == 2 and len(capture.keys) == 4  # rows=1 was dropped, so it captured again
+
+
+def test_block_levels_are_part_of_the_key():
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(64, 128))
+    sparsify_(model, BlockConfig(block_size=16, sparsity=0.5), skip_dense_by_default=False)
+    capture = CountingCapture()
+    GraphedTraining(model.train(), capture).install()
+    x = torch.randn(4, 64)
+    model(x)
+    for _, layer in sparse_modules(model):
+        layer.set_level(0.75)
+    model(x)
+    assert len(capture.keys) == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["compile=default"], "use one of them"),
+    (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
+    (["sparsity=dress_multi", "prune_schedule=constant"], "multi-subnet"),
+    (["cuda_graph=maybe"], "must be true or false"),
+])
+def test_settings_graphs_cannot_serve_are_refused_with_the_fix(overrides, message, tmp_path):
+    cfg = compose_cfg(["recipe=fmnist_vit_24", *TINY, "cuda_graph=true", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+def test_a_cpu_run_with_cuda_graph_trains_eager(tmp_path, caplog):
+    cfg = compose_cfg(["recipe=fmnist_vit_24", *TINY, "cuda_graph=true"], tmp_path)
+    with caplog.at_level("INFO", logger="sparsetrain"):
+        summary = train(cfg)
+    assert summary["global_step"] == 2
+    assert any("cuda_graph skipped: training runs on cpu" in record.message for record in caplog.records)

@@ -20,26 +20,30 @@ RUNS = ROOT / "runs" / "block-study"
 RECIPE = "fmnist_dense"
 COMMON = ("sparsity.block_size=16", "sparsity.sparsity=0.8", "data.val_fraction=0.1", "data.num_workers=1")
 MAGNITUDE, SCORES = ("sparsity=block",), ("sparsity=dress",)
+# The ramp with the blocks re-picked every 50 steps (gradual.yaml's default when the study ran; now 1).
+GRADUAL_50 = ("prune_schedule=gradual", "prune_schedule.update_every=50")
 
 # variant -> (what it tests, overrides)
 VARIANTS = {
     "mag_constant": ("magnitude, sparse from step 0, mask every step", MAGNITUDE),
     "dress_constant": ("DRESS scores, sparse from step 0", SCORES),
     "dress_constant_lr0.1": ("DRESS, scores at 0.1 x lr", (*SCORES, "sparsity.score_lr_scale=0.1")),
-    "mag_gradual": ("magnitude, cubic ramp 0 -> 80% over steps 0-700", (*MAGNITUDE, "prune_schedule=gradual")),
-    "dress_gradual": ("DRESS, cubic ramp 0 -> 80% over steps 0-700", (*SCORES, "prune_schedule=gradual")),
+    "mag_gradual": ("magnitude, cubic ramp 0 -> 80% over steps 0-700, blocks re-picked every 50 steps",
+                    (*MAGNITUDE, *GRADUAL_50)),
+    "dress_gradual": ("DRESS, cubic ramp 0 -> 80% over steps 0-700, blocks re-picked every 50 steps",
+                      (*SCORES, *GRADUAL_50)),
     "dress_gradual_lr0.1": ("DRESS, ramp, scores at 0.1 x lr",
-                            (*SCORES, "prune_schedule=gradual", "sparsity.score_lr_scale=0.1")),
+                            (*SCORES, *GRADUAL_50, "sparsity.score_lr_scale=0.1")),
     "dress_gradual_lr10": ("DRESS, ramp, scores at 10 x lr",
-                           (*SCORES, "prune_schedule=gradual", "sparsity.score_lr_scale=10")),
+                           (*SCORES, *GRADUAL_50, "sparsity.score_lr_scale=10")),
     "mag_gradual_every_step": ("magnitude, ramp, mask recomputed every step",
                                (*MAGNITUDE, "prune_schedule=gradual", "prune_schedule.update_every=1")),
     "dress_gradual_every_step": ("DRESS, ramp, scores pick the mask every step",
                                  (*SCORES, "prune_schedule=gradual", "prune_schedule.update_every=1")),
     "mag_gradual_mlp": ("magnitude, ramp, MLP linears only (attention dense)",
-                        (*MAGNITUDE, "prune_schedule=gradual", "sparsity.include=[blocks.*.mlp.*]")),
+                        (*MAGNITUDE, *GRADUAL_50, "sparsity.include=[blocks.*.mlp.*]")),
     "dress_gradual_mlp": ("DRESS, ramp, MLP linears only (attention dense)",
-                          (*SCORES, "prune_schedule=gradual", "sparsity.include=[blocks.*.mlp.*]")),
+                          (*SCORES, *GRADUAL_50, "sparsity.include=[blocks.*.mlp.*]")),
     "mag_finetune": ("magnitude, 700 dense steps, one-shot prune, fine-tune", (*MAGNITUDE, "prune_schedule=finetune")),
     "dress_multi": ("DRESS multi-subnet: levels 80%, 50%, 0% share weights (3 forwards per step)",
                     ("sparsity=dress_multi", "sparsity.subnet_levels=[0.8,0.5,0.0]")),

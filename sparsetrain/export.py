@@ -1,6 +1,7 @@
 """Export a training checkpoint for inference, and load the export back.
 
     python -m sparsetrain.export RUN/checkpoints/last.ckpt --format dense|semi24|bsr --out DIR [--config PATH]
+                                 [--level L]   (a multi-subnet DRESS run's subnet at level L)
 
 The model is rebuilt from the run's resolved config (RUN/config.yaml, or --config), sparsified as the
 run did, and loaded from the checkpoint; DIR then gets `model.safetensors` (the pruned network) and
@@ -24,6 +25,7 @@ its state_dict name, and no mask or score buffers are stored.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import warnings
@@ -34,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from sparsetrain.sparse.block import block_mask_from_scores, expand_block_mask
+from sparsetrain.sparse.block import block_mask_from_scores, expand_block_mask, set_block_level
 from sparsetrain.sparse.block_linear import fuse_mlp_gelu_
 from sparsetrain.sparse.sparsify import layer_table, sparse_modules
 from sparsetrain.training.models import COMPILE_WRAPPER_PREFIX, LIGHTNING_MODEL_PREFIX, create_model
@@ -56,8 +58,12 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path, config: str | Path | None = None) -> Path:
-    """Write DIR/model.safetensors and DIR/metadata.json for `checkpoint` in format `fmt`; returns DIR."""
+def export(checkpoint: str | Path, fmt: str, out: str | Path, config: str | Path | None = None,
+           level: float | None = None) -> Path:
+    """Write DIR/model.safetensors and DIR/metadata.json for `checkpoint` in format `fmt`; returns DIR.
+
+    level: a multi-subnet DRESS run's subnet to export (one of its sparsity.subnet_levels); None: the main one.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     checkpoint = Path(checkpoint).expanduser().resolve()
@@ -65,6 +71,8 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, config: str | Path
     config_path = Path(config).expanduser() if config else checkpoint.parent.parent / "config.yaml"
     cfg = read_run_config(config_path)
     model = rebuild_trained_model(cfg, network_state(ckpt), checkpoint, config_path)
+    if level is not None:
+        cfg = select_subnet(model, cfg, level)
     check_format_applies(fmt, cfg.sparsity.pattern, model)
     tensors, storage = compressed_tensors(model, fmt)
     out = Path(out).expanduser()
@@ -129,6 +137,20 @@ def rebuild_trained_model(cfg: DictConfig, state: dict[str, Tensor], checkpoint:
         raise ExportError(f"{checkpoint} does not fit the model built from {config_path} ({first_line}); pass "
                           "--config PATH to the config.yaml of the run that wrote the checkpoint") from error
     return model.eval()
+
+
+def select_subnet(model: nn.Module, cfg: DictConfig, level: float) -> DictConfig:
+    """Switch the model's block layers to one trained subnet `level`; the run config with it as the level."""
+    trained = [float(v) for v in cfg.sparsity.get("subnet_levels") or []]
+    if level not in trained:
+        raise ExportError(f"--level {level}: this run trained no subnet at that level (its subnet levels: "
+                          f"{trained or 'none, it is not a multi-subnet DRESS run'}); pass one of them, or omit "
+                          "--level for the main one")
+    set_block_level(model, level)
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.resolve(cfg)  # subnet_levels may interpolate sparsity.sparsity, which changes next
+    cfg.sparsity.sparsity = level
+    return cfg
 
 
 def check_format_applies(fmt: str, pattern: str, model: nn.Module) -> None:
@@ -277,7 +299,7 @@ def decompress_bsr(crow_indices: Tensor, col_indices: Tensor, values: Tensor, sh
 
 
 def load_exported(directory: str | Path, device: str | torch.device = "cpu",
-                  sparse_layers: bool | None = None) -> nn.Module:
+                  sparse_layers: bool | None = None, backend: str | None = None) -> nn.Module:
     """The exported model, in eval mode on `device`, its outputs those of the run's model at the checkpoint.
 
     Weights are rebuilt dense (pruned entries zero) from whatever layout was exported. Then:
@@ -289,6 +311,9 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
         (`fuse_mlp_gelu_`). On the CPU every weight-sparse layer is a plain layer holding masked dense weights.
     sparse_layers=True: swap the run's sparse layers in on any device (masked dense on the CPU).
     sparse_layers=False: plain layers only (an act24 model then loses its activation pruning).
+    backend: the sparse layers' backend instead of the run's (`cusparselt` or `triton_bsr` to force the GPU
+        kernels on layers `auto` leaves masked dense, e.g. narrow ones; `emulated` for masked dense).
+    An eval-mode 2:4 layer compresses its weight at the first forward and reuses it until the weight changes.
     """
     directory = Path(directory)
     if not (directory / METADATA_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
@@ -304,6 +329,8 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
         weight_sparse_runtime = torch.device(device).type == "cuda" and metadata["pattern"] in ("semi24", "block")
         sparse_layers = weight_sparse_runtime or metadata["pattern"] == "act24"
     if sparse_layers and metadata["pattern"] != "dense":
+        if backend is not None:
+            metadata["sparsity"]["backend"] = backend
         attach_sparse_layers(model, metadata, masks)
     return model.eval()
 
@@ -359,9 +386,11 @@ def main(argv: list[str] | None = None) -> None:
                              "bsr: block-sparse rows")
     parser.add_argument("--out", required=True, help="directory for model.safetensors and metadata.json")
     parser.add_argument("--config", help="the run's config.yaml (default: CHECKPOINT/../../config.yaml)")
+    parser.add_argument("--level", type=float, help="multi-subnet DRESS runs: the subnet (one of the run's "
+                        "sparsity.subnet_levels) to export; default: the main one")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.format, args.out, args.config)
+        out = export(args.checkpoint, args.format, args.out, args.config, args.level)
     except ExportError as error:
         print(f"sparsetrain-export: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -92,3 +92,29 @@ def test_config_from_dict_maps_patterns_and_rejects_unknown_keys():
         config_from_dict({"pattern": "block", "blocksize": 32})
     with pytest.raises(ValueError, match="not known"):
         config_from_dict({"pattern": "2:4"})
+
+
+def test_multi_subnet_loss_is_the_weighted_sum_of_each_levels_loss():
+    """DRESS multi-subnet training: the step's loss is sum_i w_i * loss(level_i) on shared weights, and the
+    model is left at the first (main) level."""
+    from timm.layers import Mlp
+
+    from sparsetrain.sparse import BlockConfig, sparse_modules, sparsify_
+    from sparsetrain.sparse.block import set_block_level
+    from sparsetrain.training.module import SparseClassifier
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Mlp(64, 128, out_features=10))
+    sparsify_(net, BlockConfig(block_size=16, sparsity=0.75, criterion="scores"), skip_dense_by_default=False)
+    levels, weights = [0.75, 0.5, 0.25], [1.0, 0.5, 2.0]
+    module = SparseClassifier(net, num_classes=10, optimizer=torch.optim.SGD, sched={}, subnet_levels=levels,
+                              subnet_weights=weights)
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    x, y = torch.randn(6, 64), torch.randint(0, 10, (6,))
+    total, _ = module._multi_subnet_loss(x, y)
+    expected = 0.0
+    for level, weight in zip(levels, weights):
+        set_block_level(net, level)
+        expected = expected + weight * torch.nn.functional.cross_entropy(net(x), y)
+    set_block_level(net, levels[0])
+    torch.testing.assert_close(total, expected)
+    assert all(layer.level == 0.75 for _, layer in sparse_modules(net))

@@ -198,3 +198,54 @@ def test_cli_exports_and_reports_errors_in_one_line(runs, tmp_path, capsys):
                           str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "use --format semi24 or --format dense" in bad.stderr
+
+
+def test_a_multi_subnet_run_reports_and_exports_each_trained_level(tmp_path):
+    """DRESS multi-subnet: validation reports every subnet (val/acc@LEVEL beside the main val/acc), and
+    --level exports that subnet, whose model computes what the training model does at that level."""
+    from sparsetrain.sparse.block import set_block_level
+    levels = [0.8, 0.6, 0.4]
+    cfg = compose_cfg(["recipe=fmnist_vit_block", "prune_schedule=constant", "sparsity=dress_multi",
+                       f"sparsity.subnet_levels=[{','.join(map(str, levels))}]", *SMALL], tmp_path / "run")
+    summary = train(cfg)
+    assert {"val/acc", "val/acc@0.6", "val/acc@0.4"} <= set(summary["metrics"])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = export(ckpt, "bsr", tmp_path / "at-0.6", level=0.6)
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["sparsity"]["sparsity"] == 0.6
+    blocks = [layer for layer in metadata["layers"] if layer["pattern"] == "block"]
+    assert blocks and all(layer["sparsity"] == pytest.approx(0.6, abs=0.01) for layer in blocks)
+    model = training_model(tmp_path / "run", cfg)
+    set_block_level(model, 0.6)
+    x = sample(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(x), model(x), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ExportError, match=r"no subnet at that level.*0\.8, 0\.6, 0\.4"):
+        export(ckpt, "bsr", tmp_path / "at-0.3", level=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern,fmt,backend", [("semi24", "semi24", "cusparselt"), ("block", "bsr", "triton_bsr")])
+def test_gpu_export_loads_onto_the_gpu_kernels_and_matches_training(runs, exports, pattern, fmt, backend, monkeypatch):
+    """An export made by export() loads on CUDA with its sparse layers on the GPU route (2:4: cuSPARSELt with the
+    weight compressed at the first forward and reused after; bsr: the block-sparse kernels) and computes, in
+    bf16, what the training model computes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sparsetrain.sparse import sparse_modules
+    run_dir, cfg = runs[pattern]
+    x = sample(cfg)
+    loaded = load_exported(exports[pattern, fmt], device="cuda", backend=backend).bfloat16()
+    layers = [layer for _, layer in sparse_modules(loaded)]
+    with torch.no_grad():
+        expected = training_model(run_dir, cfg)(x)
+        got = loaded(x.cuda().bfloat16()).float().cpu()
+        assert layers and all(layer.backend_name == backend for layer in layers)
+        if pattern == "semi24":
+            backend_object = layers[0]._backend(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+            calls = []
+            original = backend_object.prepare_weight
+            monkeypatch.setattr(backend_object, "prepare_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
+            loaded(x.cuda().bfloat16())
+            assert calls == [], "an eval forward compressed the weight again"
+    assert float((got - expected).norm() / expected.norm()) < 2e-2

@@ -100,6 +100,35 @@ def test_finetune_trains_dense_then_prunes_and_finetunes_with_a_fixed_mask(recor
     assert_mask_fixed_from(recorder, 3)
 
 
+def test_constant_warms_up_dense_refreshes_every_k_steps_and_freezes(recorder, tmp_path):
+    run(SEMI24, "constant", 9, tmp_path, "prune_schedule.dense_warmup_steps=2", "prune_schedule.update_every=2",
+        "prune_schedule.freeze_mask_after=4")
+    assert_zeros(recorder, {step: 0.0 if step < 2 else 0.5 for step in range(9)})
+    for name in recorder.masks[2]:
+        assert torch.equal(recorder.masks[3][name], recorder.masks[2][name]), f"{name} refreshed between updates"
+    assert_mask_fixed_from(recorder, 4)  # the update at step 4 is the last one
+
+
+@pytest.mark.parametrize("length", ["prune_schedule.finetune_steps=2", "prune_schedule.finetune_epochs=0.25"])
+def test_finetune_length_sets_the_prune_step_from_the_end(recorder, tmp_path, length):
+    # TINY: 32 images in batches of 4, so an epoch is 8 steps and a quarter epoch 2
+    run(BLOCK, "finetune", 6, tmp_path, MAGNITUDE, length)
+    assert_zeros(recorder, {step: 0.0 if step < 4 else block_zeros(TARGET) for step in range(6)})
+    assert_mask_fixed_from(recorder, 4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prune_schedule.finetune_steps=2", "prune_schedule.finetune_epochs=1"], "not both"),
+    (["prune_schedule.finetune_steps=50"], "does not fit"),
+    (["prune_schedule.finetune_steps=0"], "at least one step"),
+])
+def test_impossible_finetune_lengths_are_refused(overrides, message, tmp_path):
+    cfg = compose_cfg([BLOCK, *SMALL, "prune_schedule=finetune", MAGNITUDE, "trainer.max_steps=6", *overrides],
+                      tmp_path)
+    with pytest.raises(app.ConfigError, match=message):
+        app.build_schedule(cfg.prune_schedule, cfg.sparsity, steps=6, steps_per_epoch=8)
+
+
 def test_gradual_block_sparsity_follows_the_cubic_ramp(recorder, tmp_path):
     end, every = 4, 2
     run(BLOCK, "gradual", 7, tmp_path, f"prune_schedule.end_step={end}", f"prune_schedule.update_every={every}")

@@ -129,18 +129,39 @@ def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
     return int(trainer_cfg.max_epochs) * steps_per_epoch
 
 
-def build_schedule(schedule_cfg: DictConfig, sparsity_cfg: DictConfig, steps: int) -> Optional[PruneSchedule]:
+def build_schedule(schedule_cfg: DictConfig, sparsity_cfg: DictConfig, steps: int,
+                   steps_per_epoch: Optional[int] = None) -> Optional[PruneSchedule]:
     """The recipe's prune_schedule for its sparsity pattern; None for a dense run."""
     pattern = sparsity_cfg.pattern
     if pattern == "dense":
         return None
     opts = OmegaConf.to_container(schedule_cfg, resolve=True)
     opts["pattern"] = pattern
+    finetune = finetune_length(opts.pop("finetune_steps", None), opts.pop("finetune_epochs", None), steps_per_epoch)
+    if finetune is not None:
+        if finetune > steps:
+            raise ConfigError(f"a {finetune}-step sparse fine-tune does not fit in a {steps}-step run; shorten it "
+                              "or train longer (trainer.max_steps / max_epochs)")
+        opts["dense_warmup_steps"] = steps - finetune
     if opts.get("total_steps") is None:
         opts["total_steps"] = steps
     if pattern == "block" and opts.get("target") is None:
         opts["target"] = sparsity_cfg.sparsity
     return PruneSchedule(**opts)
+
+
+def finetune_length(finetune_steps, finetune_epochs, steps_per_epoch: Optional[int]) -> Optional[int]:
+    """The sparse fine-tune's length in steps from prune_schedule.finetune_steps or finetune_epochs (None: unset)."""
+    if finetune_steps is not None and finetune_epochs is not None:
+        raise ConfigError("set prune_schedule.finetune_steps or prune_schedule.finetune_epochs, not both")
+    if finetune_epochs is not None:
+        if steps_per_epoch is None:
+            raise ConfigError("prune_schedule.finetune_epochs needs the epoch length; use finetune_steps here")
+        finetune_steps = round(finetune_epochs * steps_per_epoch)
+    if finetune_steps is not None and (isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int)
+                                       or finetune_steps < 1):
+        raise ConfigError(f"the sparse fine-tune must be at least one step, got {finetune_steps}")
+    return finetune_steps
 
 
 def run_identity(cfg: DictConfig) -> dict:
@@ -189,7 +210,8 @@ def train(cfg: DictConfig) -> dict:
 
 def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
     steps_per_epoch = estimate_steps_per_epoch(cfg, datamodule)
-    schedule = build_schedule(cfg.prune_schedule, cfg.sparsity, total_steps(cfg.trainer, steps_per_epoch))
+    schedule = build_schedule(cfg.prune_schedule, cfg.sparsity, total_steps(cfg.trainer, steps_per_epoch),
+                              steps_per_epoch)
     ccfg = cfg.callbacks
     # Two savers: the best ones by the monitored metric after each validation, and last.ckpt (what resume=auto
     # continues from) on schedule whatever the metrics. One saver doing both would write nothing until the

@@ -47,6 +47,11 @@ class SparseClassifier(L.LightningModule):
         # the datamodules' labels are in range by construction.
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+        # Multi-subnet DRESS: every subnet but the main one (validated as val/*) gets val/acc@LEVEL too, so one run
+        # reports a model at each level. Metric states are not persistent: checkpoints do not change.
+        self.subnet_val_acc = nn.ModuleList(
+            MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+            for _ in self.subnet_levels[1:])
         self.skipped_steps = 0
         # Who wrote a checkpoint (recipe, model, pattern): resume refuses a mismatch unless forced.
         self.checkpoint_identity: dict = {}
@@ -107,6 +112,19 @@ class SparseClassifier(L.LightningModule):
         self.val_acc(logits, y)
         self.log("val/loss", self._loss(logits, y), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+        if self.subnet_levels:
+            self._validate_other_subnets(x, y)
+
+    def _validate_other_subnets(self, x, y):
+        from sparsetrain.sparse.block import set_block_level
+
+        for level, metric in zip(self.subnet_levels[1:], self.subnet_val_acc):
+            set_block_level(self.model, level)
+            logits = self(x)
+            metric(logits, y)
+            self.log(f"val/loss@{level:g}", self._loss(logits, y), sync_dist=True)
+            self.log(f"val/acc@{level:g}", metric, on_epoch=True)
+        set_block_level(self.model, self.subnet_levels[0])
 
     def on_validation_epoch_end(self):
         self.validated_at_step = self.global_step

@@ -424,6 +424,10 @@ def test_fusing_block_mlps_keeps_parameters_keys_and_function():
     two_four = Mlp(64, 128)
     sparsify_(two_four, Semi24Config(), skip_dense_by_default=False)
     assert fuse_block_mlps_(two_four) == []
+    from timm.layers import GluMlp  # fc1 -> GELU -> fc2 by its attribute names, but it gates half of fc1's output
+    gated = torch.nn.Sequential(GluMlp(64, 128, act_layer=torch.nn.GELU))
+    sparsify_(gated, BlockConfig(block_size=16, sparsity=0.5), skip_dense_by_default=False)
+    assert fuse_block_mlps_(gated) == []
 
 
 # --------------------------------------------------------------------- tuning cache (no GPU needed)

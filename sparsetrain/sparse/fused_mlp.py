@@ -20,8 +20,13 @@ def _is_identity(module: nn.Module | None) -> bool:
 
 
 def _fusable(mlp: nn.Module) -> bool:
-    """A timm-style Mlp: block-sparse fc1 and fc2, exact GELU between them, no dropout and no norm."""
-    fc1, act, fc2 = (getattr(mlp, name, None) for name in ("fc1", "act", "fc2"))
+    """timm's Mlp itself (its variants, e.g. GluMlp, gate or split fc1's output): block-sparse fc1 and fc2, exact
+    GELU between them, no dropout and no norm."""
+    from timm.layers import Mlp
+
+    if type(mlp) is not Mlp:
+        return False
+    fc1, act, fc2 = mlp.fc1, mlp.act, mlp.fc2
     block_layers = all(isinstance(fc, SparseGemmLayer) and fc.pattern == "block" for fc in (fc1, fc2))
     exact_gelu = type(act) is nn.GELU and act.approximate == "none"
     extras = [getattr(mlp, name, None) for name in ("drop1", "norm", "drop2")]

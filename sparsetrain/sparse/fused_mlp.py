@@ -15,8 +15,8 @@ from sparsetrain.sparse.block_linear import block_sparse_mlp
 from sparsetrain.sparse.modules import SparseGemmLayer, compute_dtype
 
 
-def _is_identity(module: nn.Module | None) -> bool:
-    return module is None or isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
+def _is_identity(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
 
 
 def _fusable(mlp: nn.Module) -> bool:
@@ -26,11 +26,10 @@ def _fusable(mlp: nn.Module) -> bool:
 
     if type(mlp) is not Mlp:
         return False
-    fc1, act, fc2 = mlp.fc1, mlp.act, mlp.fc2
-    block_layers = all(isinstance(fc, SparseGemmLayer) and fc.pattern == "block" for fc in (fc1, fc2))
-    exact_gelu = type(act) is nn.GELU and act.approximate == "none"
-    extras = [getattr(mlp, name, None) for name in ("drop1", "norm", "drop2")]
-    return block_layers and exact_gelu and not getattr(fc1, "fuse_gelu", False) and all(map(_is_identity, extras))
+    block_layers = all(isinstance(fc, SparseGemmLayer) and fc.pattern == "block" for fc in (mlp.fc1, mlp.fc2))
+    exact_gelu = type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+    extras = (mlp.drop1, mlp.norm, mlp.drop2)
+    return block_layers and exact_gelu and not mlp.fc1.fuse_gelu and all(map(_is_identity, extras))
 
 
 class BlockSparseMlp(nn.Module):
@@ -68,7 +67,7 @@ def fuse_block_mlps_(model: nn.Module) -> list[str]:
     """Replace every eligible MLP (see `_fusable`) by a BlockSparseMlp, in place; returns their names."""
     fused = []
     for name, module in list(model.named_modules()):
-        if name and not isinstance(module, BlockSparseMlp) and _fusable(module):
+        if name and _fusable(module):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, BlockSparseMlp(module))
             fused.append(name)

@@ -121,16 +121,6 @@ def config_conflict(cfg) -> str | None:
     return None
 
 
-def why_not_graphed(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-    """Why this run cannot train on captured graphs where it stands (device, ranks), or None when it can."""
-    if pl_module.device.type != "cuda":
-        return f"training runs on {pl_module.device.type}; CUDA graphs need a CUDA GPU"
-    if trainer.world_size > 1:
-        return (f"{trainer.world_size} ranks: graphed steps under DDP are not tested yet; set cuda_graph=false for "
-                "multi-GPU runs")
-    return None
-
-
 class CudaGraphSteps(L.Callback):
     """The `cuda_graph: true` option: GraphedTraining on `pl_module.model` for the fit, where it can run.
 
@@ -142,12 +132,12 @@ class CudaGraphSteps(L.Callback):
         self.graphs: GraphedTraining | None = None
 
     def on_fit_start(self, trainer, pl_module):
-        reason = why_not_graphed(trainer, pl_module)
-        if reason is not None and pl_module.device.type != "cuda":
-            log.info("cuda_graph skipped: %s", reason)
+        if pl_module.device.type != "cuda":
+            log.info("cuda_graph skipped: training runs on %s; CUDA graphs need a CUDA GPU", pl_module.device.type)
             return
-        if reason is not None:
-            raise ValueError(f"cuda_graph=true cannot run here: {reason}")
+        if trainer.world_size > 1:
+            raise ValueError(f"cuda_graph=true cannot run here: {trainer.world_size} ranks, and graphed steps under "
+                             "DDP are not tested yet; set cuda_graph=false for multi-GPU runs")
         self.graphs = GraphedTraining(pl_module.model)
         self.graphs.install()
         log.info("cuda_graph: each training forward+backward replays a captured graph (captured per phase)")

@@ -43,7 +43,10 @@ METHODS = {
     "semi24": ("2:4 from scratch", ("sparsity=semi24",)),
     "semi24_oneshot_ft": ("2:4 one-shot prune of the dense model at step 700 + 704-step sparse fine-tune",
                           ("sparsity=semi24", "prune_schedule=finetune")),
-    "semi24_dense_final": ("2:4, last 30% of steps dense", ("sparsity=semi24", "prune_schedule=dense_final")),
+    "semi24_oneshot_ft2ep": ("2:4 one-shot prune of the dense model after epoch 1 + 2-epoch sparse fine-tune",
+                             ("sparsity=semi24", "prune_schedule=finetune", "prune_schedule.finetune_epochs=2")),
+    "semi24_dense_final": ("2:4, last 30% of steps dense (pruned weights restart at zero)",
+                           ("sparsity=semi24", "prune_schedule=dense_final")),
     "block80_mag": ("block 80%, 16x16, magnitude", _block("magnitude", 0.8)),
     "block90_mag": ("block 90%, 16x16, magnitude", _block("magnitude", 0.9)),
     "block80_dress": ("block 80%, 16x16, DRESS scores", _block("scores", 0.8)),
@@ -66,7 +69,7 @@ def finished_runs(model: str, method: str, root: Path = RUNS) -> list[Run]:
     return runs_of(model, method, seeds, root)
 
 
-SEMI24_METHODS = ("semi24", "semi24_oneshot_ft", "semi24_dense_final")
+SEMI24_METHODS = ("semi24", "semi24_oneshot_ft", "semi24_oneshot_ft2ep", "semi24_dense_final")
 
 
 def _stats(model: str, method: str, root: Path) -> tuple[float, float] | None:

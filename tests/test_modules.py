@@ -151,6 +151,41 @@ def test_apply_phase_follows_the_schedule():
     assert sparse.mask_frozen.item() and sparse.mask_step.item() == 2
 
 
+@pytest.mark.parametrize("config, kind", [
+    (Semi24Config(), "constant"),  # dynamic mask: recomputed from the weights the optimizer just moved
+    (Semi24Config(), "one_shot"),  # frozen mask: the one the sparse phase used
+    (BlockConfig(block_size=4, sparsity=0.5, criterion="magnitude"), "constant"),
+    (BlockConfig(block_size=4, sparsity=0.5, criterion="scores"), "constant"),
+])
+def test_dense_final_starts_from_the_sparse_network(config, kind):
+    """At the switch to the final dense phase the pruned weights become zero (DSD), so the dense
+    network computes what the sparse one did; with dense_final_pruned="keep" they come back as they are."""
+    x = torch.randn(6, 32)
+    for pruned in ("zero", "keep"):
+        sparse = SparseLinear.from_dense(seeded_linear(), config, "fc")
+        schedule = PruneSchedule(kind=kind, pattern=config.pattern, target=getattr(config, "sparsity", None),
+                                 dense_final_fraction=0.5, total_steps=4, dense_final_pruned=pruned)
+        sparse.apply_phase(schedule.phase(0), 0)
+        sparse(x).sum().backward()
+        with torch.no_grad():
+            sparse.weight.add_(torch.randn_like(sparse.weight))  # an optimizer step after the forward
+        sparse.apply_phase(schedule.phase(1), 1)
+        kept = sparse.weight.detach().clone()
+        sparse_out = sparse(x).detach()
+        sparse.apply_phase(schedule.phase(2), 2)
+        assert not sparse.sparse_active.item()
+        if pruned == "zero":
+            torch.testing.assert_close(sparse(x), sparse_out, **TIGHT)
+            assert torch.equal(sparse.weight != 0, sparse.mask)
+        else:
+            assert torch.equal(sparse.weight, kept)
+
+
+def test_dense_final_pruned_must_be_known():
+    with pytest.raises(ValueError, match=r"dense_final_pruned='drop'.*\['zero', 'keep'\]"):
+        PruneSchedule(kind="constant", dense_final_fraction=0.3, total_steps=10, dense_final_pruned="drop")
+
+
 class RecordOps(TorchDispatchMode):
     """The aten ops a block of code issues (each one a kernel launch on a GPU)."""
 

@@ -63,7 +63,7 @@ def test_iterative_cycles_ramp_the_level():
 def test_dense_final_fraction_runs_the_end_dense():
     s = PruneSchedule(kind="constant", pattern="semi24", dense_final_fraction=0.3, total_steps=100)
     assert s.phase(69).active
-    assert s.phase(70) == Phase("dense_finetune", active=False, level=0.0, update_mask=False)
+    assert s.phase(70) == Phase("dense_finetune", active=False, level=0.0, update_mask=False, zero_pruned=True)
     assert s.phase(99).name == "dense_finetune"
 
 

@@ -302,6 +302,8 @@ class SparseGemmLayer(nn.Module):
         block layers recompute it here. Flips add up for pop_flip_rate().
         """
         waking_up = phase.active and not self._active
+        if phase.zero_pruned and self._active and not phase.active:
+            self._zero_pruned_weights()
         self.set_active(phase.active)
         if not phase.active:
             return
@@ -320,6 +322,17 @@ class SparseGemmLayer(nn.Module):
             if self.sparse_config.criterion == "magnitude":
                 with torch.no_grad():
                     self._store_mask(self._fresh_mask(), step=None)
+
+    @torch.no_grad()
+    def _zero_pruned_weights(self) -> None:
+        """Hand the sparse network over to a dense phase as it is: the weights the mask prunes become
+        zero. A dynamic mask is recomputed first, since the optimizer moved the weights after the
+        forward that last stored it; a frozen mask is the one the sparse phase used."""
+        if isinstance(self.sparse_config, Act24Config):
+            return  # activation sparsity prunes no weight
+        if not self._frozen:
+            self._store_mask(self._fresh_mask(), step=None)
+        self.weight.mul_(self.mask.reshape(self.weight.shape).to(self.weight.dtype))
 
     def pop_flip_rate(self) -> float:
         """Fraction of mask entries flipped since the last call (summed over every update)."""

@@ -28,16 +28,21 @@ class Phase:
     active: run the sparse path (False = plain dense layer).
     level: sparsity level the mask should have (0.5 for 2:4; 0.0 when inactive).
     update_mask: recompute the mask at this step (from the current weights or scores).
+    zero_pruned: a layer that was sparse until now sets its pruned weights to zero before going dense
+        (only the final dense fine-tune asks for it; see PruneSchedule.dense_final_pruned).
     """
 
     name: str
     active: bool
     level: float
     update_mask: bool
+    zero_pruned: bool = False
 
 
 DENSE_WARMUP = Phase("dense_warmup", active=False, level=0.0, update_mask=False)
-DENSE_FINETUNE = Phase("dense_finetune", active=False, level=0.0, update_mask=False)
+DENSE_FINETUNE_FROM_SPARSE = Phase("dense_finetune", active=False, level=0.0, update_mask=False, zero_pruned=True)
+DENSE_FINETUNE_FROM_KEPT = Phase("dense_finetune", active=False, level=0.0, update_mask=False)
+DENSE_FINAL_PRUNED = ("zero", "keep")
 
 
 def _check_step(name: str, value: int | None) -> None:
@@ -86,6 +91,10 @@ class PruneSchedule:
     dense_final_fraction: the last round(fraction * total_steps) steps run dense again (the
         torchao DINOv2 recipe trains 70% sparse, then dense). Needs total_steps.
     total_steps: length of training; required only by dense_final_fraction.
+    dense_final_pruned: what the pruned weights start the final dense phase from. "zero": the
+        dense phase starts from the sparse network itself, so the function is continuous at the
+        switch (Dense-Sparse-Dense training, Han et al. 2017). "keep": the values the straight-through
+        estimator went on updating while they were pruned, which never served a forward pass.
     cycles, cycle_steps: iterative's cycle count and length.
     """
 
@@ -101,6 +110,7 @@ class PruneSchedule:
     freeze_mask_after: int | None = None
     dense_final_fraction: float = 0.0
     total_steps: int | None = None
+    dense_final_pruned: str = "zero"
     cycles: int | None = None
     cycle_steps: int | None = None
 
@@ -186,6 +196,9 @@ class PruneSchedule:
     def _check_dense_final(self) -> None:
         if not 0.0 <= self.dense_final_fraction < 1.0:
             raise ValueError(f"dense_final_fraction={self.dense_final_fraction} must be in [0, 1)")
+        if self.dense_final_pruned not in DENSE_FINAL_PRUNED:
+            raise ValueError(f"dense_final_pruned={self.dense_final_pruned!r} is not known; use one of "
+                             f"{list(DENSE_FINAL_PRUNED)}")
         if self.dense_final_fraction == 0.0:
             return
         if self.total_steps is None:
@@ -230,7 +243,7 @@ class PruneSchedule:
     def phase(self, step: int) -> Phase:
         _check_step("step", step)
         if self.dense_final_start is not None and step >= self.dense_final_start:
-            return DENSE_FINETUNE
+            return DENSE_FINETUNE_FROM_SPARSE if self.dense_final_pruned == "zero" else DENSE_FINETUNE_FROM_KEPT
         if step < self.sparse_start:
             return DENSE_WARMUP
         if self.kind == "one_shot":

@@ -186,6 +186,25 @@ def test_dense_final_pruned_must_be_known():
         PruneSchedule(kind="constant", dense_final_fraction=0.3, total_steps=10, dense_final_pruned="drop")
 
 
+@pytest.mark.parametrize("grad_mode", ["ste", "masked"])
+def test_masked_magnitude_blocks_never_come_back_as_the_level_rises(grad_mode):
+    """Under masked gradients a pruned block is frozen at its old value: a rising level prunes kept
+    blocks only (Zhu & Gupta), however large the frozen one is; under ste it competes on its norm."""
+    sparse = SparseLinear.from_dense(seeded_linear(), BlockConfig(4, 0.25, grad_mode=grad_mode), "fc")
+    before = sparse.mask.clone()
+    row, col = (~before).nonzero()[0].tolist()
+    block = (slice(row - row % 4, row - row % 4 + 4), slice(col - col % 4, col - col % 4 + 4))
+    with torch.no_grad():
+        sparse.weight[block] = 100.0  # a pruned block, now the largest of all
+    sparse.update_mask(level=0.5)
+    came_back = bool(sparse.mask[block].all())
+    assert came_back == (grad_mode == "ste")
+    if grad_mode == "masked":
+        assert not (sparse.mask & ~before).any(), "the mask only shrinks while the level rises"
+        sparse.update_mask(level=0.25)  # a falling level restores the largest pruned blocks first
+        assert sparse.mask[block].all()
+
+
 class RecordOps(TorchDispatchMode):
     """The aten ops a block of code issues (each one a kernel launch on a GPU)."""
 

@@ -104,7 +104,9 @@ class BlockConfig:
     criterion: "magnitude" (keep the blocks with the largest L2 norm) or "scores" (learned
         per-block scores trained through a straight-through estimator, DRESS/superblock-style;
         they start at the block norms, so step 0 equals magnitude pruning).
-    grad_mode: weight gradient of pruned blocks: "ste" (dense) or "masked" (zero).
+    grad_mode: weight gradient of pruned blocks: "ste" (dense: they train on and may grow back) or
+        "masked" (zero: they stay frozen, and under the magnitude criterion every kept block ranks above
+        every pruned one, so a rising level never brings one back: Zhu & Gupta's gradual pruning).
     backend: "auto" (the Triton block-sparse kernels where they can run and win, else masked
         dense), "emulated" (masked dense, any device), or "triton_bsr" (the kernels; error where
         they cannot run). See sparsetrain/sparse/block_linear.py.

@@ -236,8 +236,20 @@ class SparseGemmLayer(nn.Module):
             return torch.ones_like(self.mask)
         if isinstance(config, Semi24Config):
             return mask_24_transposable(w.abs()) if config.transposable else mask_24(w.abs())
-        scores = self.block_scores if config.criterion == "scores" else block_norms(w, config.block_size)
+        scores = self.block_scores if config.criterion == "scores" else self._magnitude_ranks(w)
         return expand_block_mask(block_mask_from_scores(scores, self.level), config.block_size)
+
+    def _magnitude_ranks(self, w: Tensor) -> Tensor:
+        """Block norms, the magnitude criterion's ranking. Under masked gradients a pruned block is frozen
+        at the value it was pruned with, so its norm says nothing about what it would contribute now: every
+        kept block ranks above every pruned one. A rising level then prunes only kept blocks, as in Zhu &
+        Gupta's gradual magnitude pruning, and a falling one brings the largest pruned blocks back first."""
+        b = self.sparse_config.block_size
+        norms = block_norms(w, b)
+        if self.sparse_config.grad_mode != "masked":
+            return norms  # ste: pruned weights train on, and may grow back past kept ones
+        kept = self.mask[::b, ::b]
+        return norms + kept * (norms.max() + 1.0)
 
     def _store_mask(self, new_mask: Tensor, step: int | None) -> Tensor:
         """Write the mask; return the number of entries that flipped (a device tensor)."""

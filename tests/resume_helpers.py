@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from sparsetrain.training.app import train
+from sparsetrain.training.checkpoints import load_resume_checkpoint
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import ROOT, TINY, compose_cfg
 
@@ -163,3 +164,8 @@ def assert_same_rows(rows_a: list, rows_b: list) -> None:
         diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
         assert not diff, f"metrics.csv, step {a.get('step')}: {diff}"
     assert len(rows_a) == len(rows_b), "metrics.csv: different numbers of rows"
+
+
+def resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint `resume` means in run_dir (the one train() would continue from)."""
+    return load_resume_checkpoint(run_dir, resume)[0]

@@ -92,6 +92,7 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     (["data.batch_size=0"], "batch_size"),
     (["sparsity=block", "sparsity.sparsity=1.2"], r"\[0, 1\)"),
     (["sparsity=dress_multi", "prune_schedule=gradual"], "subnet_levels"),
+    (["sparsity=dress_multi", "sparsity.subnet_levels=[0.9,1.2]"], r"subnet_levels has 1.2.*\[0, 1\)"),
     (["sparsity=dress", "prune_schedule=finetune"], "never train"),
     (["sparsity=dress_multi", "prune_schedule=iterative"], "never train"),
 ])

@@ -12,15 +12,14 @@ import torch
 
 import sparsetrain.training.app as app
 from sparsetrain.training.app import train
-from sparsetrain.training.checkpoints import (AtomicCheckpointIO, CheckpointError, find_resume_checkpoint,
-                                              load_checkpoint_file)
+from sparsetrain.training.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from sparsetrain.training.module import NonFiniteLossError
 from sparsetrain.training.preemption import PREEMPTED_EXIT_CODE
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import ROOT, TINY, compose_cfg
 from tests.resume_helpers import (STEPS, assert_runs_identical, assert_same, assert_same_rows, load, metric_rows,
-                                  one_thread, output_of, overrides, send_and_wait, start_cli, straight_run, wait_until,
-                                  wait_until_trained)
+                                  one_thread, output_of, overrides, resume_path, send_and_wait, start_cli, straight_run,
+                                  wait_until, wait_until_trained)
 
 DENSE = ["recipe=fmnist_dense", *TINY, "model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
 
@@ -80,9 +79,9 @@ def test_slurm_sigusr1_keeps_lightnings_requeue_and_resume_auto_takes_the_newest
     assert send_and_wait(proc, signal.SIGTERM) == PREEMPTED_EXIT_CODE, output_of(tmp_path)[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
     assert load(last)["global_step"] >= load(hpc)["global_step"]
-    assert find_resume_checkpoint(run_dir, "auto") == last
+    assert resume_path(run_dir, "auto") == last
     os.utime(hpc)  # an hpc checkpoint newer than last.ckpt is the one to continue from
-    assert find_resume_checkpoint(run_dir, "auto") == hpc
+    assert resume_path(run_dir, "auto") == hpc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(
     assert send_and_wait(proc, signal.SIGKILL) == -signal.SIGKILL
 
     assert load_checkpoint_file(last)["global_step"] == 1
-    assert find_resume_checkpoint(run_dir, "auto") == last
+    assert resume_path(run_dir, "auto") == last
     assert not partial[0].exists(), "resume removes what the killed write left behind"
 
 
@@ -235,7 +234,7 @@ def test_nonfinite_stop_checkpoints_then_names_the_step_and_the_first_bad_layer(
 
     # Its weights are not finite, so resume=auto continues from the step-3 checkpoint before it, saying why.
     capsys.readouterr()
-    assert find_resume_checkpoint(tmp_path, "auto") == tmp_path / "checkpoints" / "last.ckpt"
+    assert resume_path(tmp_path, "auto") == tmp_path / "checkpoints" / "last.ckpt"
     assert "skipped unusable nonfinite-step0000003.ckpt" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="non-finite weights.*blocks.1.mlp.fc1.weight"):
         load_checkpoint_file(saved)
@@ -250,7 +249,7 @@ def test_nonfinite_stop_on_bad_data_then_resume_retries_the_step_and_ends_as_if_
         train(compose_cfg(cfg, tmp_path / "failed"))
     monkeypatch.setattr(app, "build_callbacks", build_callbacks)  # the data is good again
 
-    assert find_resume_checkpoint(tmp_path / "failed", "auto").name == "nonfinite-step0000003.ckpt"
+    assert resume_path(tmp_path / "failed", "auto").name == "nonfinite-step0000003.ckpt"
     assert train(compose_cfg([*cfg, "resume=auto"], tmp_path / "failed"))["global_step"] == 6
     a, b = (load(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "failed"))
     assert_same(a["state_dict"], b["state_dict"], "state_dict")

@@ -182,6 +182,18 @@ def test_pretrained_mismatch_lists_keys(tmp_path):
         tiny_vit(pretrained_path=str(path))
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_pretrained_truncated_file_names_the_fix(tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pt":
+        torch.save(small_resnet18().state_dict(), path)
+    else:
+        safetensors.torch.save_file(small_resnet18().state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated.*save the weights again"):
+        small_resnet18(pretrained_path=str(path))
+
+
 def test_pretrained_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*nothing is downloaded"):
         small_resnet18(pretrained_path=str(tmp_path / "absent.pt"))

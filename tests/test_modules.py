@@ -205,6 +205,19 @@ def test_masked_magnitude_blocks_never_come_back_as_the_level_rises(grad_mode):
         assert sparse.mask[block].all()
 
 
+def test_masked_magnitude_prunes_by_the_trained_weights_after_a_dense_warmup():
+    """The mask made at sparsify time (from the untrained weights) must not rank first after a dense
+    phase in which every block trained."""
+    sparse = SparseLinear.from_dense(seeded_linear(), BlockConfig(4, 0.5, grad_mode="masked"), "fc")
+    schedule = PruneSchedule(kind="one_shot", pattern="block", target=0.5, prune_step=2)
+    sparse.apply_phase(schedule.phase(0), 0)
+    with torch.no_grad():
+        sparse.weight.copy_(torch.randn_like(sparse.weight) * (~sparse.mask))  # warm-up grew the pruned blocks
+    sparse.apply_phase(schedule.phase(2), 2)
+    expected = expand_block_mask(block_mask_from_scores(block_norms(sparse.weight, 4), 0.5), 4)
+    assert torch.equal(sparse.mask, expected)
+
+
 class RecordOps(TorchDispatchMode):
     """The aten ops a block of code issues (each one a kernel launch on a GPU)."""
 

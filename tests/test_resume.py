@@ -10,11 +10,10 @@ import torch
 from torch.utils.data import Dataset
 
 from sparsetrain.training.app import train
-from sparsetrain.training.checkpoints import find_resume_checkpoint
 from sparsetrain.training.data import EpochSeededSampler, SeededAugmentation, SyntheticDataModule
 from tests.helpers import ROOT, compose_cfg
 from tests.resume_helpers import (BATCHES_PER_EPOCH, ONE_THREAD, RECIPE_OVERRIDES, STEPS, assert_runs_identical,
-                                  load, logged_steps, one_thread, overrides, send_and_wait, start_cli,
+                                  load, logged_steps, one_thread, overrides, resume_path, send_and_wait, start_cli,
                                   straight_run, wait_until_trained)
 
 
@@ -33,7 +32,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_a_straight_run(recipe, tmp_p
     wait_until_trained(proc, run_dir, 3, tmp_path)
     assert send_and_wait(proc, signal.SIGKILL) == -signal.SIGKILL
 
-    resumed_from = load(find_resume_checkpoint(run_dir, "auto"))["global_step"]
+    resumed_from = load(resume_path(run_dir, "auto"))["global_step"]
     assert 0 < resumed_from < STEPS and resumed_from % BATCHES_PER_EPOCH, "the kill must land mid-epoch"
     summary = train(compose_cfg([*overrides(recipe), "resume=auto"], run_dir))
     assert summary["global_step"] == STEPS

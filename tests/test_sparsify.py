@@ -120,6 +120,17 @@ def test_shapes_2_4_cannot_serve_stay_dense_with_a_logged_reason(caplog):
     assert "block size 8 does not divide" in reasons["odd"] and swapped(records) == {"even"}
 
 
+def test_a_forced_cusparselt_backend_leaves_a_layer_it_cannot_serve_dense():
+    """Checked when sparsifying, on any device: the run goes on with that layer dense, never stops at its
+    first forward."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(64, 128), nn.Linear(128, 96), nn.Linear(96, 8))
+    records = sparsify_(model, Semi24Config(backend="cusparselt"))
+    reasons = {r["name"]: r["reason"] for r in records}
+    assert swapped(records) == {"1"}
+    assert reasons["2"] == ("dense: sparsity.backend=cusparselt needs both dims to be multiples of 64, and this "
+                            "layer is 96x128 (backend=auto runs it masked dense instead)")
+
+
 def test_act24_swaps_only_the_second_mlp_linear():
     records = sparsify_(tiny_vit(), Act24Config())
     assert swapped(records) == {"blocks.0.mlp.fc2", "blocks.1.mlp.fc2"}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsetrain.sparse.backends import Backend, PreparedWeight, resolve_backend
+from sparsetrain.sparse.backends import CUSPARSELT_DIM_MULTIPLE, Backend, PreparedWeight, resolve_backend
 from sparsetrain.sparse.block import (
     BlockScoreSTE,
     block_mask_from_scores,
@@ -83,6 +83,10 @@ def unsupported_reason(module: nn.Linear | nn.Conv2d, config: SparsityConfig) ->
             f"out_features {out_features} is not a multiple of 4, which a transposable 2:4 mask needs "
             "(set transposable=False to prune along rows only)"
         )
+    if config.backend == "cusparselt" and (out_features % CUSPARSELT_DIM_MULTIPLE or in_features % CUSPARSELT_DIM_MULTIPLE):
+        # Found here, not at the first forward: a forced backend must not stop the run on one odd layer.
+        return (f"sparsity.backend=cusparselt needs both dims to be multiples of {CUSPARSELT_DIM_MULTIPLE}, "
+                f"and this layer is {out_features}x{in_features} (backend=auto runs it masked dense instead)")
     return None
 
 
@@ -324,6 +328,10 @@ class SparseGemmLayer(nn.Module):
             # now, so that the first pruning after a dense phase ranks blocks by what was learned.
             with torch.no_grad():
                 self.block_scores.copy_(block_norms(self._weight_2d(), self.sparse_config.block_size))
+        elif waking_up and isinstance(self.sparse_config, BlockConfig) and self.sparse_config.grad_mode == "masked":
+            # Every block trained during the dense phase, so none is frozen: the stored mask (made from the
+            # weights before it) must not rank its blocks first (see _magnitude_ranks).
+            self.mask.fill_(True)
         self.set_mask_frozen(not phase.update_mask)
         if not phase.update_mask:
             return

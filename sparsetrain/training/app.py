@@ -63,6 +63,10 @@ def validate_config(cfg: DictConfig) -> None:
     level = cfg.sparsity.get("sparsity")
     if level is not None and not 0 <= level < 1:
         raise ConfigError(f"sparsity.sparsity={level} must be in [0, 1), e.g. sparsity.sparsity=0.9")
+    for subnet_level in cfg.sparsity.get("subnet_levels") or ():
+        if not 0 <= subnet_level < 1:
+            raise ConfigError(f"sparsity.subnet_levels has {subnet_level}: each level is a fraction of blocks "
+                              "pruned, in [0, 1), e.g. sparsity.subnet_levels=[0.9,0.8,0.5]")
     decay = cfg.sparsity.get("masked_decay") or 0.0
     if not 0 <= decay * lr < 1:
         raise ConfigError(f"sparsity.masked_decay={decay} must be >= 0 and below 1/optim.lr ({1 / lr:g}): pruned "

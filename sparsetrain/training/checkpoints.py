@@ -132,11 +132,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """Which checkpoint `resume` means (see load_resume_checkpoint)."""
-    return load_resume_checkpoint(run_dir, resume)[0]
-
-
 def load_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> tuple:
     """(path, loaded checkpoint) that `resume` means, or (None, None) for a fresh run. None: a fresh
     run (refused where one would overwrite checkpoints). 'auto': the newest loadable checkpoint in

@@ -373,7 +373,7 @@ class FashionMNISTDataModule(_ImageClassificationDataModule):
 
     Train is the 60k training split. Validation is the 10k t10k *test* split, the usual Fashion-MNIST
     practice; with `val_fraction > 0` a seeded fraction of the training split is held out as validation
-    instead. `test_dataloader()` always serves t10k.
+    instead.
     """
 
     name = "fashion_mnist"
@@ -414,9 +414,6 @@ class FashionMNISTDataModule(_ImageClassificationDataModule):
 
     def prepare_data(self) -> None:
         stage_fashion_mnist(self.root, self.cache_dir)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
 
     def _build_datasets(self) -> tuple[Dataset, Dataset]:
         # Also staged here (a no-op after prepare_data) so that setup() works without a Trainer.

@@ -183,7 +183,13 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
             f"model.pretrained_path={path} does not exist; point it at a local state_dict, Lightning .ckpt "
             f"or .safetensors file (nothing is downloaded)"
         )
-    state_dict = read_state_dict(path)
+    try:
+        state_dict = read_state_dict(path)
+    except ValueError:
+        raise  # already names the problem (e.g. a pickled module instead of a state_dict)
+    except Exception as e:  # torch.load and safetensors raise several types for a damaged file
+        raise ValueError(f"model.pretrained_path={path} is corrupt or truncated ({type(e).__name__}: "
+                         f"{str(e)[:200]}); save the weights again or point at another file") from e
     _check_state_dict_fits(model, state_dict, path)
     model.load_state_dict(state_dict)
 

@@ -127,8 +127,8 @@ def test_a_forced_cusparselt_backend_leaves_a_layer_it_cannot_serve_dense():
     records = sparsify_(model, Semi24Config(backend="cusparselt"))
     reasons = {r["name"]: r["reason"] for r in records}
     assert swapped(records) == {"1"}
-    assert reasons["2"] == ("dense: sparsity.backend=cusparselt needs both dims to be multiples of 64, and this "
-                            "layer is 96x128 (backend=auto runs it masked dense instead)")
+    assert reasons["2"] == ("dense: sparsity.backend=cusparselt cannot serve this 96x128 layer: out_features 96 is "
+                            "not a multiple of 64 (backend=auto runs it masked dense instead)")
 
 
 def test_act24_swaps_only_the_second_mlp_linear():

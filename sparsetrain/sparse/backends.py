@@ -523,10 +523,14 @@ def _cusparselt_blockers(out_features: int, in_features: int, device: torch.devi
         blockers.append("this torch build has no cuSPARSELt")
     if dtype not in HALF_DTYPES:
         blockers.append(f"compute dtype {str(dtype).removeprefix('torch.')} is not fp16/bf16")
-    for name, size in (("out_features", out_features), ("in_features", in_features)):
-        if size % CUSPARSELT_DIM_MULTIPLE:
-            blockers.append(f"{name} {size} is not a multiple of {CUSPARSELT_DIM_MULTIPLE}")
-    return blockers
+    return blockers + cusparselt_shape_blockers(out_features, in_features)
+
+
+def cusparselt_shape_blockers(out_features: int, in_features: int) -> list[str]:
+    """The clauses of _cusparselt_blockers that the layer's shape alone decides (known before it runs)."""
+    return [f"{name} {size} is not a multiple of {CUSPARSELT_DIM_MULTIPLE}"
+            for name, size in (("out_features", out_features), ("in_features", in_features))
+            if size % CUSPARSELT_DIM_MULTIPLE]
 
 
 def _compress_route(compress: str, device: torch.device, transposable: bool, activations: bool) -> tuple[str, str]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsetrain.sparse.backends import CUSPARSELT_DIM_MULTIPLE, Backend, PreparedWeight, resolve_backend
+from sparsetrain.sparse.backends import Backend, PreparedWeight, cusparselt_shape_blockers, resolve_backend
 from sparsetrain.sparse.block import (
     BlockScoreSTE,
     block_mask_from_scores,
@@ -83,10 +83,11 @@ def unsupported_reason(module: nn.Linear | nn.Conv2d, config: SparsityConfig) ->
             f"out_features {out_features} is not a multiple of 4, which a transposable 2:4 mask needs "
             "(set transposable=False to prune along rows only)"
         )
-    if config.backend == "cusparselt" and (out_features % CUSPARSELT_DIM_MULTIPLE or in_features % CUSPARSELT_DIM_MULTIPLE):
+    blockers = cusparselt_shape_blockers(out_features, in_features) if config.backend == "cusparselt" else []
+    if blockers:
         # Found here, not at the first forward: a forced backend must not stop the run on one odd layer.
-        return (f"sparsity.backend=cusparselt needs both dims to be multiples of {CUSPARSELT_DIM_MULTIPLE}, "
-                f"and this layer is {out_features}x{in_features} (backend=auto runs it masked dense instead)")
+        return (f"sparsity.backend=cusparselt cannot serve this {out_features}x{in_features} layer: "
+                f"{'; '.join(blockers)} (backend=auto runs it masked dense instead)")
     return None
 
 

@@ -40,8 +40,6 @@ class Phase:
 
 
 DENSE_WARMUP = Phase("dense_warmup", active=False, level=0.0, update_mask=False)
-DENSE_FINETUNE_FROM_SPARSE = Phase("dense_finetune", active=False, level=0.0, update_mask=False, zero_pruned=True)
-DENSE_FINETUNE_FROM_KEPT = Phase("dense_finetune", active=False, level=0.0, update_mask=False)
 DENSE_FINAL_PRUNED = ("zero", "keep")
 
 
@@ -243,7 +241,8 @@ class PruneSchedule:
     def phase(self, step: int) -> Phase:
         _check_step("step", step)
         if self.dense_final_start is not None and step >= self.dense_final_start:
-            return DENSE_FINETUNE_FROM_SPARSE if self.dense_final_pruned == "zero" else DENSE_FINETUNE_FROM_KEPT
+            return Phase("dense_finetune", active=False, level=0.0, update_mask=False,
+                         zero_pruned=self.dense_final_pruned == "zero")
         if step < self.sparse_start:
             return DENSE_WARMUP
         if self.kind == "one_shot":

@@ -16,6 +16,10 @@
 #                                   (magnitude ste, magnitude GMP, DRESS). Needs data/fashion-mnist (a copy of
 #                                   /usr/share/datasets/fashion-mnist) and .snap/src.tar (git archive -o
 #                                   .snap/src.tar HEAD) carried too; the runs come back as $OUT/runs.tgz.
+#   bash scripts/gpu_pending.sh all [SECONDS]
+#                                   stages 1-3 in one call, most wanted first (GPU tests, train.py eager vs
+#                                   cuda_graph, the fused block MLP, bench b-d,f,g), each capped so the whole
+#                                   ends within SECONDS (default 570): what a start-starved session can afford.
 # Carry .whl (../shared/gpu/wheels.sh) for hydra/omegaconf, which the device image lacks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,18 +28,43 @@ export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$OUT/env.txt"
 
+budget=${2:-}; [ -z "$budget" ] && { [ "${1:-1}" = all ] && budget=570 || budget=100000; }
+deadline=$(( $(date +%s) + budget ))  # stage `all` shares one call's limit between its steps
+capped() {  # seconds: the smaller of this step's own limit and what is left before the deadline
+  local left=$(( deadline - $(date +%s) - 5 )); echo $(( left < $1 ? left : $1 ))
+}
+
 bench() {  # sections, time limit, other bench.py arguments
-  echo "=== bench $1 ($(date +%T))"
+  local limit; limit=$(capped "$2")
+  if [ "$limit" -lt 30 ]; then echo "=== bench $1: not run (${limit}s left)"; return; fi
+  echo "=== bench $1 ($(date +%T), up to ${limit}s)"
   local tag=${1//,/}  # one folder per call: reports are named by the minute they start
-  timeout "$2" python3 scripts/bench.py ${3:-} --only "$1" --out "$OUT/bench-$tag" > "$OUT/bench-$tag.log" 2>&1
+  timeout "$limit" python3 scripts/bench.py ${3:-} --only "$1" --out "$OUT/bench-$tag" > "$OUT/bench-$tag.log" 2>&1
   grep -E "^  |FAILED|Error|error" "$OUT/bench-$tag.log" | cut -c1-260 | tail -45
 }
 
+gpu_tests() {  # optional: seconds the whole test pass may take (default: up to the deadline)
+  local until=$(( deadline - 5 )); [ -n "${1:-}" ] && until=$(( $(date +%s) + $1 < until ? $(date +%s) + $1 : until ))
+  GPU_TEST_FILE_SECONDS=150 GPU_TESTS_DEADLINE=$until bash scripts/gpu_tests.sh
+}
+
+bench_block_mlp() {
+  local limit; limit=$(capped 170)
+  if [ "$limit" -lt 30 ]; then echo "=== bench_block mlp,profile: not run (${limit}s left)"; return; fi
+  echo "=== bench_block mlp,profile ($(date +%T), up to ${limit}s)"
+  timeout "$limit" python3 scripts/bench_block.py --only mlp,profile --out "$OUT/bench-block" > "$OUT/bench-block.log" 2>&1
+  grep -E "^  |FAILED|Error|error" "$OUT/bench-block.log" | cut -c1-260 | tail -30
+}
+
 case "${1:-1}" in
-  1) GPU_TEST_FILE_SECONDS=150 bash scripts/gpu_tests.sh
-     echo "=== bench_block mlp,profile ($(date +%T))"
-     timeout 170 python3 scripts/bench_block.py --only mlp,profile --out "$OUT/bench-block" > "$OUT/bench-block.log" 2>&1
-     grep -E "^  |FAILED|Error|error" "$OUT/bench-block.log" | cut -c1-260 | tail -30 ;;
+  all) gpu_tests 260
+       bench i 300 "--train-modes eager,cuda-graph"
+       bench_block_mlp
+       bench b,c,d,f,g 200 --quick
+       # At most 8 files come back from a call: the bench logs and reports travel as one archive.
+       (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;
+  1) gpu_tests
+     bench_block_mlp ;;
   2) bench b,c,d,f,g 520 --quick ;;
   3) bench i 540 "--train-modes eager,cuda-graph" ;;
   4) bench h 250 --quick
@@ -48,5 +77,5 @@ case "${1:-1}" in
   5) mkdir -p /usr/share/datasets && cp -r data/fashion-mnist /usr/share/datasets/
      bash scripts/gpu_accuracy.sh 0 540 none --model resnet --jobs 10 \
        --only semi24_dense_final,semi24_oneshot_ft2ep,block80_mag,block80_gmp,block80_dress ;;
-  *) echo "usage: bash scripts/gpu_pending.sh 1|2|3|4|5" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_pending.sh all [SECONDS] | 1|2|3|4|5" >&2; exit 2 ;;
 esac

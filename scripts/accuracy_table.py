@@ -45,6 +45,11 @@ METHODS = {
                           ("sparsity=semi24", "prune_schedule=finetune")),
     "semi24_oneshot_ft2ep": ("2:4 one-shot prune of the dense model after epoch 1 + 2-epoch sparse fine-tune",
                              ("sparsity=semi24", "prune_schedule=finetune", "prune_schedule.finetune_epochs=2")),
+    # NVIDIA's ASP recipe: the trained dense model (the dense row's run of the same seed), pruned once, then
+    # fine-tuned for as long as it was trained, learning-rate schedule restarted (warm-up, cosine).
+    "semi24_prune_trained": ("2:4 one-shot prune of the trained dense model + 3-epoch sparse fine-tune, LR schedule "
+                             "restarted (NVIDIA's ASP recipe; steps: the fine-tune's, after the dense row's)",
+                             ("sparsity=semi24", "prune_schedule=finetune", "prune_schedule.finetune_epochs=3")),
     "semi24_dense_final": ("2:4, last 30% of steps dense (pruned weights restart at zero)",
                            ("sparsity=semi24", "prune_schedule=dense_final")),
     "semi24_dense_final_keep": ("2:4, last 30% of steps dense (pruned weights kept as the STE left them)",
@@ -61,11 +66,22 @@ METHODS = {
 }
 
 
+# Methods that start from the weights of the dense row's run of the same seed (trained after it).
+FROM_DENSE = ("semi24_prune_trained",)
+
+
+def dense_checkpoint(model: str, seed: int, root: Path = RUNS) -> Path:
+    recipe, _ = MODELS[model]
+    return root / recipe / f"{model}-dense-s{seed}" / "checkpoints" / "last.ckpt"
+
+
 def runs_of(model: str, method: str, seeds, root: Path = RUNS) -> list[Run]:
     recipe, model_overrides = MODELS[model]
     scope = BLOCK_SCOPE[model] if method.startswith("block") else ()
     return [Run(root, recipe, f"{model}-{method}-s{seed}",
-                (*METHODS[method][1], *scope, *model_overrides, *COMMON, f"seed={seed}")) for seed in seeds]
+                (*METHODS[method][1], *scope, *model_overrides, *COMMON, f"seed={seed}",
+                 *((f"model.pretrained_path={dense_checkpoint(model, seed, root)}",) if method in FROM_DENSE else ())))
+            for seed in seeds]
 
 
 def finished_runs(model: str, method: str, root: Path = RUNS) -> list[Run]:
@@ -76,7 +92,7 @@ def finished_runs(model: str, method: str, root: Path = RUNS) -> list[Run]:
     return runs_of(model, method, seeds, root)
 
 
-SEMI24_METHODS = ("semi24", "semi24_oneshot_ft", "semi24_oneshot_ft2ep", "semi24_dense_final")
+SEMI24_METHODS = ("semi24", "semi24_oneshot_ft", "semi24_oneshot_ft2ep", "semi24_prune_trained", "semi24_dense_final")
 
 
 def _stats(model: str, method: str, root: Path) -> tuple[float, float] | None:
@@ -167,9 +183,12 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.only.split(",")) - set(METHODS))
         if unknown:
             parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-        runs = [Run(r.root, r.recipe, r.name, (*r.overrides, *args.extra))
-                for model in args.model for method in args.only.split(",") for r in runs_of(model, method, args.seeds)]
-        errors = train_all(runs, args.jobs)
+        methods = args.only.split(",")
+        # Two waves: the runs that start from a dense run's checkpoint wait for the dense runs.
+        for wave in ([m for m in methods if m not in FROM_DENSE], [m for m in methods if m in FROM_DENSE]):
+            runs = [Run(r.root, r.recipe, r.name, (*r.overrides, *args.extra))
+                    for model in args.model for method in wave for r in runs_of(model, method, args.seeds)]
+            errors += train_all(runs, args.jobs)
     notes = Path(args.notes)
     return write_report(Path(args.out), table(notes=notes.read_text() if notes.is_file() else ""), errors)
 

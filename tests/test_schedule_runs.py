@@ -7,6 +7,7 @@ import torch
 
 import sparsetrain.training.app as app
 from sparsetrain.sparse.block import kept_block_count
+from sparsetrain.sparse.masks import mask_24_transposable
 from sparsetrain.sparse.sparsify import sparse_modules
 from tests.helpers import ROOT, TINY, compose_cfg
 
@@ -98,6 +99,19 @@ def test_finetune_trains_dense_then_prunes_and_finetunes_with_a_fixed_mask(recor
     assert_zeros(recorder, {0: 0.0, 1: 0.0, 2: 0.0, 3: block_zeros(TARGET), 4: block_zeros(TARGET),
                             5: block_zeros(TARGET)})
     assert_mask_fixed_from(recorder, 3)
+
+
+def test_finetune_of_a_trained_dense_checkpoint_prunes_its_weights_at_step_0(recorder, tmp_path):
+    # NVIDIA's ASP recipe (the accuracy table's semi24_prune_trained): a finished dense run's weights, pruned
+    # once before the first step, then fine-tuned with the mask fixed.
+    app.train(compose_cfg([SEMI24, *SMALL, "sparsity=dense", "trainer.max_steps=2"], tmp_path / "dense"))
+    checkpoint = tmp_path / "dense" / "checkpoints" / "last.ckpt"
+    dense_weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    run(SEMI24, "finetune", 3, tmp_path / "asp", "prune_schedule.finetune_steps=3", f"model.pretrained_path={checkpoint}")
+    assert_zeros(recorder, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert_mask_fixed_from(recorder, 0)
+    for name, mask in recorder.masks[0].items():
+        assert torch.equal(mask, mask_24_transposable(dense_weights[f"model.{name}.weight"].abs())), name
 
 
 def test_constant_warms_up_dense_refreshes_every_k_steps_and_freezes(recorder, tmp_path):

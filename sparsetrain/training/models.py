@@ -192,6 +192,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
                          f"{str(e)[:200]}); save the weights again or point at another file") from e
     _check_state_dict_fits(model, state_dict, path)
     model.load_state_dict(state_dict)
+    log.info("model.pretrained_path: loaded %d tensors from %s", len(state_dict), path)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ METHODS = {
     # NVIDIA's ASP recipe: the trained dense model (the dense row's run of the same seed), pruned once, then
     # fine-tuned for as long as it was trained, learning-rate schedule restarted (warm-up, cosine).
     "semi24_prune_trained": ("2:4 one-shot prune of the trained dense model + 3-epoch sparse fine-tune, LR schedule "
-                             "restarted (NVIDIA's ASP recipe; steps: the fine-tune's, after the dense row's)",
+                             "restarted (NVIDIA's ASP recipe)",
                              ("sparsity=semi24", "prune_schedule=finetune", "prune_schedule.finetune_epochs=3")),
     "semi24_dense_final": ("2:4, last 30% of steps dense (pruned weights restart at zero)",
                            ("sparsity=semi24", "prune_schedule=dense_final")),
@@ -158,8 +158,13 @@ def table(root: Path = RUNS, notes: str = "") -> str:
             mean, spread = mean_and_spread(accs)
             first = runs[0].summary()
             delta = "" if dense is None else f"{100 * (mean - dense):+.2f} pt"
+            steps = str(first["global_step"])
+            if method in FROM_DENSE:  # the dense run it started from trained too
+                seed = int(runs[0].name.rsplit("-s", 1)[1])
+                dense_run = runs_of(model, "dense", [seed], root)[0].summary()
+                steps = f"{dense_run['global_step']} dense + {steps}" if dense_run else f"? dense + {steps}"
             lines.append(f"| {model} | {label} | {len(accs)} | {mean:.4f} | {delta} | {spread:.4f} | "
-                         f"{first['global_step']} | {first.get('device', '?')} | `{runs[0].command()}` |")
+                         f"{steps} | {first.get('device', '?')} | `{runs[0].command()}` |")
     lines += ["", "Targets (from the literature: NVIDIA's 2:4 recipe, SR-STE, superblock):"]
     for model in MODELS:
         lines += targets(model, root)

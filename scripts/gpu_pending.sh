@@ -57,7 +57,7 @@ bench_block_mlp() {
 }
 
 case "${1:-1}" in
-  all) gpu_tests 260
+  all) gpu_tests $(( budget * 45 / 100 < 260 ? budget * 45 / 100 : 260 ))
        bench i 300 "--train-modes eager,cuda-graph"
        bench_block_mlp
        bench b,c,d,f,g 200 --quick

@@ -20,6 +20,9 @@
 #                                   stages 1-3 in one call, most wanted first (GPU tests, train.py eager vs
 #                                   cuda_graph, the fused block MLP, bench b-d,f,g), each capped so the whole
 #                                   ends within SECONDS (default 570): what a start-starved session can afford.
+#   bash scripts/gpu_pending.sh graphs [SECONDS]
+#                                   the least that can decide `cuda_graph`'s default: graphed training vs eager
+#                                   (tests/test_gpu_cuda_graphs.py), then train.py 2:4 eager vs cuda_graph.
 # Carry .whl (../shared/gpu/wheels.sh) for hydra/omegaconf, which the device image lacks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$OUT/env.txt"
 
-budget=${2:-}; [ -z "$budget" ] && { [ "${1:-1}" = all ] && budget=570 || budget=100000; }
+budget=${2:-}; [ -z "$budget" ] && case "${1:-1}" in all|graphs) budget=570 ;; *) budget=100000 ;; esac
 deadline=$(( $(date +%s) + budget ))  # stage `all` shares one call's limit between its steps
 capped() {  # seconds: the smaller of this step's own limit and what is left before the deadline
   local left=$(( deadline - $(date +%s) - 5 )); echo $(( left < $1 ? left : $1 ))
@@ -63,6 +66,10 @@ case "${1:-1}" in
        bench b,c,d,f,g 200 --quick
        # At most 8 files come back from a call: the bench logs and reports travel as one archive.
        (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;
+  graphs) echo "=== tests/test_gpu_cuda_graphs.py ($(date +%T))"
+          timeout "$(capped 120)" python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_gpu_cuda_graphs.py \
+            2>&1 | tee "$OUT/test_gpu_cuda_graphs.log" | tail -15
+          bench i 300 "--quick --train-modes eager,cuda-graph" ;;
   1) gpu_tests
      bench_block_mlp ;;
   2) bench b,c,d,f,g 520 --quick ;;
@@ -77,5 +84,5 @@ case "${1:-1}" in
   5) mkdir -p /usr/share/datasets && cp -r data/fashion-mnist /usr/share/datasets/
      bash scripts/gpu_accuracy.sh 0 540 none --model resnet --jobs 10 \
        --only semi24_dense_final,semi24_oneshot_ft2ep,block80_mag,block80_gmp,block80_dress ;;
-  *) echo "usage: bash scripts/gpu_pending.sh all [SECONDS] | 1|2|3|4|5" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_pending.sh all|graphs [SECONDS] | 1|2|3|4|5" >&2; exit 2 ;;
 esac

@@ -37,13 +37,17 @@ capped() {  # seconds: the smaller of this step's own limit and what is left bef
   local left=$(( deadline - $(date +%s) - 5 )); echo $(( left < $1 ? left : $1 ))
 }
 
+timed_step() {  # title, own time limit, log file, lines of it to show, command...: run it within the deadline
+  local title=$1 limit; limit=$(capped "$2"); local log=$3 lines=$4; shift 4
+  if [ "$limit" -lt 30 ]; then echo "=== $title: not run (${limit}s left)"; return; fi
+  echo "=== $title ($(date +%T), up to ${limit}s)"
+  timeout "$limit" "$@" > "$log" 2>&1
+  grep -E "^  |FAILED|Error|error" "$log" | cut -c1-260 | tail -"$lines"
+}
+
 bench() {  # sections, time limit, other bench.py arguments
-  local limit; limit=$(capped "$2")
-  if [ "$limit" -lt 30 ]; then echo "=== bench $1: not run (${limit}s left)"; return; fi
-  echo "=== bench $1 ($(date +%T), up to ${limit}s)"
   local tag=${1//,/}  # one folder per call: reports are named by the minute they start
-  timeout "$limit" python3 scripts/bench.py ${3:-} --only "$1" --out "$OUT/bench-$tag" > "$OUT/bench-$tag.log" 2>&1
-  grep -E "^  |FAILED|Error|error" "$OUT/bench-$tag.log" | cut -c1-260 | tail -45
+  timed_step "bench $1" "$2" "$OUT/bench-$tag.log" 45 python3 scripts/bench.py ${3:-} --only "$1" --out "$OUT/bench-$tag"
 }
 
 gpu_tests() {  # optional: seconds the whole test pass may take (default: up to the deadline)
@@ -52,11 +56,8 @@ gpu_tests() {  # optional: seconds the whole test pass may take (default: up to 
 }
 
 bench_block_mlp() {
-  local limit; limit=$(capped 170)
-  if [ "$limit" -lt 30 ]; then echo "=== bench_block mlp,profile: not run (${limit}s left)"; return; fi
-  echo "=== bench_block mlp,profile ($(date +%T), up to ${limit}s)"
-  timeout "$limit" python3 scripts/bench_block.py --only mlp,profile --out "$OUT/bench-block" > "$OUT/bench-block.log" 2>&1
-  grep -E "^  |FAILED|Error|error" "$OUT/bench-block.log" | cut -c1-260 | tail -30
+  timed_step "bench_block mlp,profile" 170 "$OUT/bench-block.log" 30 \
+    python3 scripts/bench_block.py --only mlp,profile --out "$OUT/bench-block"
 }
 
 case "${1:-1}" in

@@ -89,10 +89,15 @@ def runs_of(model: str, method: str, seeds, root: Path = RUNS) -> list[Run]:
             for seed in seeds]
 
 
+def seed_of(run_name: str) -> int:
+    """The seed in a run name made by runs_of ("vit-dense-s1" -> 1)."""
+    return int(run_name.rsplit("-s", 1)[1])
+
+
 def finished_runs(model: str, method: str, root: Path = RUNS) -> list[Run]:
     """Every seed of (model, method) that has a summary.json under root."""
     recipe, _ = MODELS[model]
-    seeds = sorted(int(p.parent.name.rsplit("-s", 1)[1])
+    seeds = sorted(seed_of(p.parent.name)
                    for p in (root / recipe).glob(f"{model}-{method}-s*/summary.json"))
     return runs_of(model, method, seeds, root)
 
@@ -173,8 +178,7 @@ def table(root: Path = RUNS, notes: str = "") -> str:
             delta = "" if dense is None else f"{100 * (mean - dense):+.2f} pt"
             steps = str(first["global_step"])
             if method in FROM_DENSE:  # the dense run it started from trained too
-                seed = int(runs[0].name.rsplit("-s", 1)[1])
-                dense_run = runs_of(model, "dense", [seed], root)[0].summary()
+                dense_run = runs_of(model, "dense", [seed_of(runs[0].name)], root)[0].summary()
                 steps = f"{dense_run['global_step']} dense + {steps}" if dense_run else f"? dense + {steps}"
             lines.append(f"| {model} | {label} | {len(accs)} | {mean:.4f} | {delta} | {spread:.4f} | "
                          f"{steps} | {first.get('device', '?')} | `{runs[0].command()}` |")

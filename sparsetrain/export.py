@@ -304,15 +304,17 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
 
     Weights are rebuilt dense (pruned entries zero) from whatever layout was exported. Then:
     sparse_layers=None (default): activation-2:4 layers are swapped back in everywhere (their pruning is
-        part of the function), and 2:4 and block layers on CUDA: `sparsify_` with the run's config, whose
-        `auto` backend runs cuSPARSELt (2:4) or the block-sparse Triton kernels where dtype (fp16/bf16:
+        part of the function), and 2:4 and block layers on CUDA: `sparsify_` with the run's config and the
+        `auto` backend, which runs cuSPARSELt (2:4) or the block-sparse Triton kernels where dtype (fp16/bf16:
         call .half() / .bfloat16() after loading) and shape allow and masked dense elsewhere; the masks
         come from the export and stay frozen, and each block MLP's GELU moves into its fc1 kernel
         (`fuse_mlp_gelu_`). On the CPU every weight-sparse layer is a plain layer holding masked dense weights.
     sparse_layers=True: swap the run's sparse layers in on any device (masked dense on the CPU).
     sparse_layers=False: plain layers only (an act24 model then loses its activation pruning).
-    backend: the sparse layers' backend instead of the run's (`cusparselt` or `triton_bsr` to force the GPU
-        kernels on layers `auto` leaves masked dense, e.g. narrow ones; `emulated` for masked dense).
+    backend: the sparse layers' backend. Default `auto`, whatever the run trained with: a backend the run
+        forced was chosen for its training device and dtype, not this one. Pass `cusparselt` or `triton_bsr`
+        to force the GPU kernels on layers `auto` leaves masked dense (e.g. narrow ones), `emulated` for
+        masked dense.
     An eval-mode 2:4 layer compresses its weight at the first forward and reuses it until the weight changes.
     """
     directory = Path(directory)
@@ -329,8 +331,7 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu",
         weight_sparse_runtime = torch.device(device).type == "cuda" and metadata["pattern"] in ("semi24", "block")
         sparse_layers = weight_sparse_runtime or metadata["pattern"] == "act24"
     if sparse_layers and metadata["pattern"] != "dense":
-        if backend is not None:
-            metadata["sparsity"]["backend"] = backend
+        metadata["sparsity"]["backend"] = backend or "auto"
         attach_sparse_layers(model, metadata, masks)
     return model.eval()
 

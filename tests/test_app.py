@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from sparsetrain.training.app import ConfigError, estimate_steps_per_epoch, train
+from sparsetrain.training.app import ConfigError, estimate_steps_per_epoch, train, validate_config
 from sparsetrain.training.checkpoints import CheckpointError
 from tests.helpers import RECIPES, TINY, compose_cfg
 
@@ -95,11 +95,27 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     (["sparsity=dress_multi", "sparsity.subnet_levels=[0.9,1.2]"], r"subnet_levels has 1.2.*\[0, 1\)"),
     (["sparsity=dress", "prune_schedule=finetune"], "never train"),
     (["sparsity=dress_multi", "prune_schedule=iterative"], "never train"),
+    (["sched.name=linear"], r"sched.name=linear is not known: use sched=cosine or sched=constant"),
+    (["objective=val/loss"], r"objective=val/loss is not an accuracy this run logs .*\['val/acc'\]"),
+    (["sparsity=dress_multi", "prune_schedule=constant", "objective=val/acc@0.3"],
+     r"objective=val/acc@0.3 .*\['val/acc', 'val/acc@0.8', 'val/acc@0.5'\]"),
 ])
 def test_impossible_overrides_stop_before_training(overrides, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         train(compose_cfg(["recipe=fmnist_dense", *TINY, *overrides], tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_imagefolder_recipe_without_data_root_stops_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.root must be set on the command line .*data.root=/path/to/imagenet"):
+        train(compose_cfg(["recipe=fmnist_dense", "data=imagefolder", "trainer.max_steps=1"], tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_objective_may_be_any_subnet_accuracy_a_multi_subnet_run_logs(tmp_path):
+    for objective in ("val/acc", "val/acc@0.8", "val/acc@0.5"):
+        validate_config(compose_cfg(["recipe=fmnist_dense", *TINY, "sparsity=dress_multi", "prune_schedule=constant",
+                                     f"objective={objective}"], tmp_path))
 
 
 def test_unknown_recipe_lists_the_available_ones(tmp_path):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from sparsetrain.export import (ExportError, compress_semi24, decompress_semi24, export, load_exported, main,
                                 network_state, read_checkpoint)
 from sparsetrain.sparse.masks import mask_24
+from sparsetrain.sparse.sparsify import sparse_modules
 from sparsetrain.training.app import build_sparsity, train
 from tests.helpers import ROOT, TINY, compose_cfg
 
@@ -86,6 +87,26 @@ def test_semi24_export_runs_on_the_sparse_layers_too(runs, exports):
             assert torch.equal(layer.mask, trained.mask), name
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_backend_the_run_forced_for_its_gpu_does_not_follow_the_export(runs, exports, tmp_path):
+    """A GPU run of fmnist_vit_block forces triton_bsr; its export must still load on the CPU as sparse layers
+    (the loader's device decides: `auto`), unless the caller forces a backend."""
+    import shutil
+    forced = tmp_path / "forced"
+    shutil.copytree(exports["block", "bsr"], forced)
+    metadata = json.loads((forced / "metadata.json").read_text())
+    metadata["sparsity"]["backend"] = "triton_bsr"
+    (forced / "metadata.json").write_text(json.dumps(metadata))
+    run_dir, cfg = runs["block"]
+    x = sample(cfg)
+    model = load_exported(forced, sparse_layers=True)
+    layers = [layer for _, layer in sparse_modules(model)]
+    assert layers and all(layer.sparse_config.backend == "auto" and layer.backend_name == "emulated" for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), training_model(run_dir, cfg)(x), atol=1e-6, rtol=1e-6)
+        with pytest.raises(ValueError, match="triton_bsr"):
+            load_exported(forced, sparse_layers=True, backend="triton_bsr")(x)
 
 
 def test_semi24_stores_about_half_the_bytes_of_the_sparse_layers(exports):

@@ -1,4 +1,5 @@
-"""SparseClassifier details: optimizer parameter groups (decay, DRESS score lr) and how per-step scalars are logged."""
+"""SparseClassifier details: optimizer parameter groups (decay, DRESS score lr), the learning-rate schedule and how
+per-step scalars are logged."""
 import functools
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from sparsetrain.sparse import BlockConfig, sparsify_
+from sparsetrain.training.lr import lr_multiplier
 from sparsetrain.training.module import SparseClassifier, param_groups
 
 
@@ -52,3 +54,10 @@ def test_logged_scalars_are_made_on_the_device_with_their_value():
     from sparsetrain.training.loggers import device_scalar
     scalar = device_scalar(0.25, torch.device("cpu"))
     assert scalar.ndim == 0 and scalar.device.type == "cpu" and scalar.item() == 0.25
+
+
+def test_an_unknown_schedule_name_fails_at_step_0_even_inside_the_warm_up():
+    # LambdaLR calls the multiplier once when it is built (step 0): a typo must fail there, not when warm-up ends.
+    with pytest.raises(ValueError, match=r"unknown sched.name 'linear'.*\['cosine', 'constant'\]"):
+        lr_multiplier(0, total_steps=100, name="linear", warmup_steps=10)
+    assert lr_multiplier(0, total_steps=100, name="cosine", warmup_steps=10) == pytest.approx(0.1)

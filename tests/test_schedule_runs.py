@@ -1,6 +1,8 @@
 """Every prune_schedule group, run through the real app on a one-block ViT: the zeros actually present
 in each sparse layer's effective weight, step by step, are the ones the schedule promises. And DRESS
 state (block scores, masks) comes back from a checkpoint exactly."""
+import re
+
 import lightning.pytorch as L
 import pytest
 import torch
@@ -86,6 +88,20 @@ def test_every_schedule_group_builds_for_block_sparsity(schedule, tmp_path):
     cfg = compose_cfg([BLOCK, f"prune_schedule={schedule}"], tmp_path)
     built = app.build_schedule(cfg.prune_schedule, cfg.sparsity, steps=1407)
     assert built.target == cfg.sparsity.sparsity
+
+
+@pytest.mark.parametrize("schedule, steps, message", [
+    ("finetune", 468, r"sparsity starts at step 700 but the run ends after 468 steps, so it trains dense"),
+    ("gradual", 500, r"reaches 0.8 only at step 700 but the run ends after 500 steps"),
+])
+def test_a_run_too_short_for_its_schedule_warns(schedule, steps, message, tmp_path, caplog):
+    cfg = compose_cfg([BLOCK, f"prune_schedule={schedule}", MAGNITUDE], tmp_path)
+    app.build_schedule(cfg.prune_schedule, cfg.sparsity, steps=steps)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and re.search(message, warnings[0]), caplog.text
+    caplog.clear()
+    app.build_schedule(cfg.prune_schedule, cfg.sparsity, steps=1407)
+    assert "prune_schedule:" not in caplog.text
 
 
 def test_one_shot_is_dense_until_its_step_then_fixed_2to4(recorder, tmp_path):

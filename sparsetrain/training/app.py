@@ -25,6 +25,7 @@ from sparsetrain.training.compile import COMPILE_MODES, CompileModel
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
+from sparsetrain.training.lr import SCHEDULES
 from sparsetrain.training.module import SparseClassifier
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
 # Importing it registers the resolvers the configs use (${if_cuda:...}, ${job_dirname:...}).
@@ -32,8 +33,6 @@ from sparsetrain.training.resolvers import trains_on_cuda
 from sparsetrain.training.resumable import ResumeState
 
 log = logging.getLogger("sparsetrain")
-
-SPARSIFY_KEYS = ("include", "exclude")
 
 
 class ConfigError(ValueError):
@@ -53,6 +52,10 @@ def build(node: DictConfig, **kwargs):
 
 def validate_config(cfg: DictConfig) -> None:
     """Catch impossible values before anything is built, one clear line each."""
+    missing = unset_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set on the command line (`???` in the config), "
+                          "e.g. data.root=/path/to/imagenet for an ImageFolder recipe")
     lr = cfg.optim.get("lr")
     if lr is None or not lr > 0:
         raise ConfigError(f"optim.lr={lr} must be > 0, e.g. optim.lr=1e-3")
@@ -80,6 +83,9 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.sparsity.get("subnet_levels") and kind == "gradual":
         raise ConfigError("multi-subnet DRESS (sparsity.subnet_levels) trains fixed levels and would override "
                           "the gradual ramp; use prune_schedule=constant (with dense_warmup_steps for a dense start)")
+    if cfg.sched.get("name", "cosine") not in SCHEDULES:
+        raise ConfigError(f"sched.name={cfg.sched.name} is not known: use sched=cosine or sched=constant")
+    check_objective(cfg)
     if cfg.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):
@@ -93,6 +99,29 @@ def validate_config(cfg: DictConfig) -> None:
     conflict = config_conflict(cfg)
     if conflict is not None:
         raise ConfigError(conflict)
+
+
+def unset_keys(container, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is still `???` (OmegaConf's missing marker). Read without resolving, so an
+    interpolation's resolver (hydra:, if_cuda:) is never called here."""
+    items = container.items() if isinstance(container, dict) else enumerate(container)
+    keys = []
+    for key, value in items:
+        if value == "???":
+            keys.append(f"{prefix}{key}")
+        elif isinstance(value, (dict, list)):
+            keys += unset_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """The objective is what checkpointing keeps the best of (mode: max) and sweepers maximise, so it
+    must be an accuracy this run logs; anything else fails only after the first validation, or keeps the worst."""
+    other_subnets = list(cfg.sparsity.get("subnet_levels") or ())[1:]  # the first is the main one: val/acc
+    logged = ["val/acc", *(f"val/acc@{float(level):g}" for level in other_subnets)]
+    if cfg.objective not in logged:
+        raise ConfigError(f"objective={cfg.objective} is not an accuracy this run logs (checkpoints keep its "
+                          f"maximum); use one of {logged}")
 
 
 def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig) -> None:
@@ -151,7 +180,21 @@ def build_schedule(schedule_cfg: DictConfig, sparsity_cfg: DictConfig, steps: in
         opts["total_steps"] = steps
     if pattern == "block" and opts.get("target") is None:
         opts["target"] = sparsity_cfg.sparsity
-    return PruneSchedule(**opts)
+    schedule = PruneSchedule(**opts)
+    warn_if_run_ends_early(schedule, steps)
+    return schedule
+
+
+def warn_if_run_ends_early(schedule: PruneSchedule, steps: int) -> None:
+    """Short runs (smoke tests, a trainer.max_steps override) legitimately stop before the schedule
+    is done, so this warns instead of refusing; the layer table would otherwise claim sparse layers
+    that never ran sparse."""
+    if schedule.sparse_start >= steps:
+        log.warning("prune_schedule: sparsity starts at step %d but the run ends after %d steps, so it trains "
+                    "dense throughout; train longer or move the prune earlier", schedule.sparse_start, steps)
+    elif schedule.kind == "gradual" and schedule.end_step >= steps:
+        log.warning("prune_schedule: the gradual ramp reaches %g only at step %d but the run ends after %d steps; "
+                    "lower prune_schedule.end_step or train longer", schedule.target, schedule.end_step, steps)
 
 
 def finetune_length(finetune_steps, finetune_epochs, steps_per_epoch: Optional[int]) -> Optional[int]:

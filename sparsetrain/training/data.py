@@ -34,6 +34,8 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from sparsetrain import choice_cache
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Measured over the 60k Fashion-MNIST training images, pixels scaled to [0, 1].
@@ -50,10 +52,6 @@ FASHION_MNIST_FILES = (
 EVAL_CROP_FRACTION = 224 / 256
 # Independent random streams of one seed: synthetic prototypes, train and val samples, augmentation.
 PROTOTYPE_STREAM, TRAIN_STREAM, VAL_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sparsetrain"
 
 
 log = logging.getLogger("sparsetrain")
@@ -406,7 +404,7 @@ class FashionMNISTDataModule(_ImageClassificationDataModule):
         )
         self.root = Path(root).expanduser()
         check_fashion_mnist_files(self.root)
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else choice_cache.cache_dir()
         self.augment = augment
         self.subset = subset
         self.val_fraction = val_fraction

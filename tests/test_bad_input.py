@@ -65,6 +65,12 @@ def test_a_gpu_backend_where_it_cannot_run_stops_before_training(recipe, backend
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
 
 
+def test_a_block_size_the_forced_kernels_do_not_run_stops_before_training(tmp_path):
+    cfg = ["recipe=fmnist_vit_block", *TINY, *SMALL_VIT, "sparsity.backend=triton_bsr", "sparsity.block_size=8"]
+    with pytest.raises(ConfigError, match=r"triton_bsr runs blocks of \[16, 32, 64\], not sparsity.block_size=8"):
+        train(compose_cfg(cfg, tmp_path))
+
+
 @pytest.fixture
 def empty_class_folders(tmp_path):
     for split in ("train", "val"):

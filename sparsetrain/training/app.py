@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from sparsetrain import kernels
+from sparsetrain.sparse.block_linear import KERNEL_BLOCK_SIZES
 from sparsetrain.sparse.config import BlockConfig, config_from_dict
 from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
 from sparsetrain.sparse.schedules import PruneSchedule
@@ -91,7 +93,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):
         raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
     if cfg.sparsity.get("backend") in ("cusparselt", "triton_bsr"):
-        check_gpu_backend_possible(cfg.sparsity.backend, cfg.trainer)
+        check_gpu_backend_possible(cfg.sparsity.backend, cfg.trainer, cfg.sparsity.get("block_size"))
     if cfg.get("compile") is not None and cfg.compile not in COMPILE_MODES:
         raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
     if cfg.get("cuda_graph") not in (None, True, False):
@@ -124,8 +126,12 @@ def check_objective(cfg: DictConfig) -> None:
                           f"maximum); use one of {logged}")
 
 
-def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig) -> None:
+def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig, block_size: Optional[int] = None) -> None:
     """A forced GPU backend (cusparselt, triton_bsr) would otherwise fail at the first forward, after start-up."""
+    if backend == "triton_bsr" and block_size not in KERNEL_BLOCK_SIZES:
+        raise ConfigError(f"sparsity.backend=triton_bsr runs blocks of {list(KERNEL_BLOCK_SIZES)}, not "
+                          f"sparsity.block_size={block_size}: pick one of those, or sparsity.backend=auto (masked "
+                          "dense for other sizes)")
     if not str(trainer_cfg.precision).startswith(("16", "bf16")):
         raise ConfigError(f"sparsity.backend={backend} needs fp16/bf16 compute but trainer.precision="
                           f"{trainer_cfg.precision} keeps fp32 weights: set trainer.precision=bf16-mixed, "
@@ -134,6 +140,9 @@ def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig) -> None:
         where = "trainer.accelerator=cpu" if trainer_cfg.accelerator == "cpu" else "no CUDA GPU is visible"
         raise ConfigError(f"sparsity.backend={backend} needs a CUDA GPU ({where}): use sparsity.backend=auto, "
                           "which falls back to masked dense")
+    if backend == "triton_bsr" and not kernels.available():
+        raise ConfigError("sparsity.backend=triton_bsr needs Triton and an sm80+ GPU (Ampere or newer): use "
+                          "sparsity.backend=auto, which falls back to masked dense")
 
 
 def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:

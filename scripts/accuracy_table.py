@@ -65,6 +65,10 @@ METHODS = {
     "block90_gmp": ("block 90%, 16x16, magnitude, masked gradients (Zhu & Gupta: pruned blocks stay pruned)",
                     (*_block("magnitude", 0.9), "sparsity.grad_mode=masked")),
     "block80_dress": ("block 80%, 16x16, DRESS scores", _block("scores", 0.8)),
+    # superblock's supermask layers multiply the weight by the mask (`w * subnet`), so pruned weights get no
+    # gradient and come back as they left; only the scores (straight-through) decide which blocks return.
+    "block80_dress_masked": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask)",
+                             (*_block("scores", 0.8), "sparsity.grad_mode=masked")),
     "block90_dress": ("block 90%, 16x16, DRESS scores", _block("scores", 0.9)),
 }
 

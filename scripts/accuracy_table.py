@@ -65,6 +65,12 @@ METHODS = {
     "block90_gmp": ("block 90%, 16x16, magnitude, masked gradients (Zhu & Gupta: pruned blocks stay pruned)",
                     (*_block("magnitude", 0.9), "sparsity.grad_mode=masked")),
     "block80_dress": ("block 80%, 16x16, DRESS scores", _block("scores", 0.8)),
+    # Blocks re-picked every step while the level ramps (to step 700), then one fixed mask for the rest: the
+    # network fine-tunes a stable subnetwork (Zhu & Gupta's fixed final mask), both criteria alike.
+    "block80_dress_freeze": ("block 80%, 16x16, DRESS scores, mask fixed after the ramp (step 700)",
+                             (*_block("scores", 0.8), "prune_schedule.freeze_mask_after=700")),
+    "block80_mag_freeze": ("block 80%, 16x16, magnitude, mask fixed after the ramp (step 700)",
+                           (*_block("magnitude", 0.8), "prune_schedule.freeze_mask_after=700")),
     # superblock's supermask layers multiply the weight by the mask (`w * subnet`), so pruned weights get no
     # gradient and come back as they left; only the scores (straight-through) decide which blocks return.
     "block80_dress_masked": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask)",

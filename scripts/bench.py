@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import pathlib
 import platform
@@ -64,6 +65,10 @@ class Timer:
                 f()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+        # A leaf's AccumulateGrad node accumulates on the stream it was made on (torch >= 2.10); one kept alive
+        # from an eager call on the default stream (by a caller's output tensor, or a reference cycle) breaks
+        # the capture with cudaErrorStreamCaptureImplicit. Collect what only cycles hold before capturing.
+        gc.collect()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for i in range(self.inner):
@@ -544,7 +549,9 @@ def section_f(t: Timer, quick: bool) -> list[dict]:
             results.append((y.detach(), x.grad.clone(), model[2].weight.grad.clone()))
         errors = {f"{what}_rel_err_vs_emulated": round(rel_err(got, ref), 5)
                   for what, got, ref in zip(("y", "dx", "dw_fc2"), *results)}
-        del reference, results
+        # `y` and `model` would keep the reference's autograd graph, and with it x's AccumulateGrad node made on
+        # the default stream, alive into the graph capture below, which then fails (see graph_ms).
+        del reference, results, y, model
         step = lambda: mlp(x).backward(gout)  # noqa: E731
         for mode in ("graph", "eager"):
             timed = t.graph_ms if mode == "graph" else t.eager_ms

@@ -56,6 +56,11 @@ class CudaGraphCapture:
         out = model(x)
         params = [p for p in model.parameters() if p.requires_grad]
         torch.autograd.grad(out, params, grad_outputs=torch.randn_like(out), allow_unused=True)
+        # Drop the eager graph before capturing: while `out` lives, it keeps the parameters' AccumulateGrad
+        # nodes alive, made on this (default) stream, and since torch 2.10 a node accumulates on the stream
+        # it was made on, so the capture's backward would touch the legacy stream and the capture fails
+        # (cudaErrorStreamCaptureImplicit, seen on the H100 with torch 2.11).
+        del out
         # A clone: make_graphed_callables keeps its sample as the graph's input buffer, refilled at each replay.
         torch.cuda.make_graphed_callables(model, (x.detach().clone(),), num_warmup_iters=1, allow_unused_input=True,
                                           pool=self.pool)

@@ -145,12 +145,18 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
                 margin += f"; {100 * (semi[0] - matched[0]):+.2f} pt vs dense trained as long"
         lines.append(f"- {model}: {label} within 0.5 points of dense: {_verdict(dense[0] - semi[0] <= 0.005)} "
                      f"({margin})")
-    dress = _stats(model, "block80_dress", root)
     # Two magnitude baselines: with the straight-through estimator (pruned blocks train on and can grow back,
     # itself a recovery mechanism) and classical gradual magnitude pruning (masked gradients, pruned blocks
-    # stay pruned). DRESS is judged against each that has run.
-    for baseline, what in (("block80_mag", "magnitude (ste)"), ("block80_gmp", "magnitude (masked, GMP)")):
+    # stay pruned). DRESS is judged against each that has run, and its fixed-final-mask variant against
+    # magnitude on the same schedule.
+    for dress_method, baseline, what in (
+            ("block80_dress", "block80_mag", "magnitude (ste)"),
+            ("block80_dress", "block80_gmp", "magnitude (masked, GMP)"),
+            ("block80_dress_freeze", "block80_mag_freeze", "magnitude (ste), both with the mask fixed after the ramp")):
+        dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
+        if dress_method != "block80_dress" and dress is None and magnitude is None:
+            continue  # a variant nobody ran for this model
         goal = f"- {model}: block 80% DRESS within 1.5 points of dense and ahead of {what}"
         if dress is None or magnitude is None:
             lines.append(f"{goal}: not run yet")

@@ -48,3 +48,15 @@ def test_asp_runs_train_after_the_dense_runs(tmp_path, monkeypatch):
                          "--out", str(tmp_path / "table.md"), "--notes", str(tmp_path / "none.md")])
     assert waves == [["vit-dense-s0"], ["vit-semi24_prune_trained-s0"]]
 
+
+
+def test_dress_with_a_fixed_final_mask_is_judged_against_magnitude_on_the_same_schedule(tmp_path):
+    for seed, (dense, dress, magnitude) in enumerate([(0.880, 0.873, 0.860), (0.879, 0.871, 0.858)]):
+        fake_run(tmp_path, "resnet", "dense", seed, dense)
+        fake_run(tmp_path, "resnet", "block80_dress_freeze", seed, dress)
+        fake_run(tmp_path, "resnet", "block80_mag_freeze", seed, magnitude)
+    lines = accuracy_table.targets("resnet", tmp_path)
+    line = next(t for t in lines if "mask fixed after the ramp" in t)
+    assert "met (-0.75 pt vs dense, +1.30 pt vs magnitude (ste), both with the mask fixed" in line
+    # the plain DRESS rows did not run: their two lines say so instead of judging the variant's runs
+    assert sum("not run yet" in t and "DRESS" in t for t in lines) == 2 and len(lines) == 8

@@ -11,9 +11,9 @@
 #   bash scripts/gpu_pending.sh 4   bench h (the ViT-L step compiled, with our graph, and reduce-overhead); bench i
 #                                   under compile=reduce-overhead; host profile of eager train.py
 #   bash scripts/gpu_pending.sh 5   the ResNet-50 accuracy rows still owed (issue #4), 8 runs side by side:
-#                                   block 80% with blocks re-picked every step (magnitude ste, magnitude GMP,
-#                                   DRESS) and dense on the same device (the 2:4 rows were settled on the CPU,
-#                                   results/accuracy.md). Needs data/fashion-mnist (a copy of
+#                                   blocks re-picked every step at 90% (magnitude ste, DRESS), GMP at 80%, and
+#                                   dense on the same device (the 2:4 rows and the 80% magnitude/DRESS rows
+#                                   were run on the CPU, results/accuracy.md). Needs data/fashion-mnist (a copy of
 #                                   /usr/share/datasets/fashion-mnist) and .snap/src.tar (git archive -o
 #                                   .snap/src.tar HEAD) carried too; the runs come back as $OUT/runs.tgz.
 #   bash scripts/gpu_pending.sh all [SECONDS]
@@ -84,6 +84,6 @@ case "${1:-1}" in
      grep -E "ncalls|^ +[0-9]" "$OUT/profile-trainpy.txt" | head -40 ;;
   5) mkdir -p /usr/share/datasets && cp -r data/fashion-mnist /usr/share/datasets/
      bash scripts/gpu_accuracy.sh 0 540 none --model resnet --jobs 10 \
-       --only dense,block80_mag,block80_gmp,block80_dress ;;
+       --only dense,block80_gmp,block90_mag,block90_dress ;;
   *) echo "usage: bash scripts/gpu_pending.sh all|graphs [SECONDS] | 1|2|3|4|5" >&2; exit 2 ;;
 esac

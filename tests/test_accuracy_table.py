@@ -49,7 +49,6 @@ def test_asp_runs_train_after_the_dense_runs(tmp_path, monkeypatch):
     assert waves == [["vit-dense-s0"], ["vit-semi24_prune_trained-s0"]]
 
 
-
 def test_dress_with_a_fixed_final_mask_is_judged_against_magnitude_on_the_same_schedule(tmp_path):
     for seed, (dense, dress, magnitude) in enumerate([(0.880, 0.873, 0.860), (0.879, 0.871, 0.858)]):
         fake_run(tmp_path, "resnet", "dense", seed, dense)

@@ -2,10 +2,10 @@
 
 Two copies of one sparse model train side by side on the same batches (AdamW, bf16 autocast without its
 cache, as Lightning runs it), one eager and one through GraphedTraining, across the phases a schedule
-drives: dense steps, 2:4 refreshes every step, a frozen mask, a refresh again; magnitude block masks
-updated between steps (the captured graph must rebuild the block index from the mask at each replay), and
-DRESS scores. Losses, masks and weights must agree within bf16 tolerance. Then train.py with
-cuda_graph=true runs a recipe.
+drives: dense steps, 2:4 refreshes every step, a frozen mask, a refresh again, a frozen mask again;
+magnitude block masks updated between steps and DRESS scores that pick the blocks inside a replay (a frozen
+graph replayed after either must read the block index of the new mask). Losses, masks and weights must
+agree within bf16 tolerance. Then train.py with cuda_graph=true runs a recipe.
 
     pytest -q -m gpu tests/test_gpu_cuda_graphs.py
 """
@@ -24,6 +24,7 @@ from tests.test_gpu_fastpath import relative_error
 pytestmark = pytest.mark.gpu
 
 TOKENS = 4 * 197
+FROZEN_STEPS = (4, 5, 7)
 
 
 def _require_cuda():
@@ -41,11 +42,11 @@ def _model(config) -> nn.Module:
 
 
 def _phase(model, step: int, block: bool) -> None:
-    """What SparsityScheduler would do before `step`: dense, then sparse with refresh, frozen, refresh."""
+    """What SparsityScheduler would do before `step`: dense, then sparse with refresh, frozen, refresh, frozen."""
     for _, layer in sparse_modules(model):
         layer.set_active(step >= 2)
-        layer.set_mask_frozen(step in (4, 5))
-        if block and step >= 2 and step not in (4, 5) and layer.sparse_config.criterion == "magnitude":
+        layer.set_mask_frozen(step in FROZEN_STEPS)
+        if block and step >= 2 and step not in FROZEN_STEPS and layer.sparse_config.criterion == "magnitude":
             layer.update_mask()  # magnitude block masks are recomputed outside the forward
 
 
@@ -63,7 +64,7 @@ def test_graphed_training_equals_eager_across_phases(config):
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
     generator = torch.Generator(device="cuda").manual_seed(0)
     block = isinstance(config, BlockConfig)
-    for step in range(7):
+    for step in range(8):
         x = torch.randn(TOKENS, 1024, device="cuda", generator=generator)
         target = torch.randint(0, 16, (TOKENS,), device="cuda", generator=generator)
         losses = []

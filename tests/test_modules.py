@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -310,6 +312,55 @@ def test_block_scores_train_with_the_weights(grad_mode):
     torch.testing.assert_close(sparse.block_scores.grad, expected_scores, **TIGHT)
     pruned = ~sparse.mask
     assert (dense.weight.grad[pruned] == 0).all() == (grad_mode == "masked")
+
+
+INDEX_TENSORS = ("row_counts", "row_blocks", "col_counts", "col_blocks")
+
+
+def _kernel_index(layer: SparseLinear):
+    """The BlockIndex the layer's kernels would read now (block_kernel_operands: weight, bias, mask, index)."""
+    return layer.block_kernel_operands(torch.float32)[3]
+
+
+def _assert_index_of_mask(index, layer: SparseLinear) -> None:
+    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    b = layer.sparse_config.block_size
+    expected = index_from_block_mask(layer.mask[::b, ::b].contiguous(), b)
+    for name in INDEX_TENSORS:
+        assert torch.equal(getattr(index, name), getattr(expected, name)), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the kernels' index needs triton")
+def test_block_index_follows_a_schedule_update_in_place():
+    """A CUDA graph captured earlier reads the index tensors it saw: an update must rewrite those, not new ones."""
+    layer = SparseLinear.from_dense(seeded_linear(64, 64), BlockConfig(block_size=16, sparsity=0.5), "fc")
+    index = _kernel_index(layer)
+    storages = [getattr(index, name).data_ptr() for name in INDEX_TENSORS]
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight))
+    assert layer.update_mask() > 0
+    before = index.row_blocks.clone()
+    layer.sync_block_index()
+    _assert_index_of_mask(index, layer)
+    assert not torch.equal(index.row_blocks, before)
+    assert [getattr(_kernel_index(layer), name).data_ptr() for name in INDEX_TENSORS] == storages
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the kernels' index needs triton")
+def test_block_index_is_rebuilt_after_learned_scores_wrote_the_mask_unseen():
+    """A replayed forward whose scores pick the blocks writes the mask without moving its version counter."""
+    layer = SparseLinear.from_dense(seeded_linear(64, 64), BlockConfig(block_size=16, sparsity=0.5,
+                                                                       criterion="scores"), "fc")
+    layer.set_mask_frozen(True)
+    index = _kernel_index(layer)
+    layer.set_mask_frozen(False)
+    layer.sync_block_index()  # before the replay that lets the scores pick
+    with torch.no_grad():  # what that replay does to the mask: .data shares no version counter
+        layer.mask.data.copy_(~layer.mask)
+    layer.set_mask_frozen(True)
+    layer.sync_block_index()
+    _assert_index_of_mask(index, layer)
+    assert _kernel_index(layer).row_blocks.data_ptr() == index.row_blocks.data_ptr()
 
 
 def test_set_block_level_switches_masks_of_every_block_layer():

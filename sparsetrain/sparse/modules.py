@@ -16,6 +16,7 @@ are applied to its cast copy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -149,6 +150,7 @@ class SparseGemmLayer(nn.Module):
         self._backends: dict[tuple[torch.device, torch.dtype], tuple[Backend, str]] = {}
         self._block_routes: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
         self._block_index = None  # ((stored mask's storage, version, level), its block mask, its BlockIndex)
+        self._block_index_stale = False  # True after a forward in which learned scores wrote the mask
         self._inference_operands = None  # (key, PreparedWeight) of eval-mode forwards: see _inference_weight
         self._backend_key: tuple[torch.device, torch.dtype] | None = None
         # Block layers run at a level the schedule may move; 2:4 is always 0.5.
@@ -444,39 +446,90 @@ class SparseGemmLayer(nn.Module):
     def _block_mask_and_index(self):
         """The block mask autograd needs (see block_linear) and the kernels' index of this forward's blocks.
 
-        Learned scores pick the blocks every training forward (the index is rebuilt on the GPU, no sync);
-        a stored mask's index is built once per change of the mask (its version counter), except while a CUDA
-        graph is captured: the graph then rebuilds it at every replay, from the mask as it is at that replay.
+        Learned scores pick the blocks every training forward (the index is rebuilt on the GPU, no sync).
+        A stored mask's index is built once per change of the mask, outside any CUDA graph: a captured forward
+        reads the index tensors as they are at each replay, and `sync_block_index` (GraphedTraining calls it
+        before every replay) rewrites them in place when the mask changed between replays.
         """
         config = self.sparse_config
         from sparsetrain.kernels.bsr_matmul import index_from_block_mask  # imports Triton: only where it runs
 
-        b = config.block_size
-        m, k = self.mask.shape
-        blocks = (m // b) * (k // b)
-        density = kept_block_count(blocks, self.level) / blocks
-        if config.criterion == "scores" and not self._frozen:
+        if self._scores_pick_blocks():
             block_mask = BlockScoreSTE.apply(self.block_scores, self.level)
             kept = block_mask.detach().bool()
             if self.training:
                 with torch.no_grad():
-                    self._store_mask(expand_block_mask(kept, b), step=None)
-            return block_mask, index_from_block_mask(kept, b, density)
-        key = (self.mask.data_ptr(), self.mask._version, self.level)
+                    self._store_mask(expand_block_mask(kept, config.block_size), step=None)
+            return block_mask, index_from_block_mask(kept, config.block_size, self._block_density())
         capturing = self.mask.is_cuda and torch.cuda.is_current_stream_capturing()
-        entry = self._block_index
-        if capturing or entry is None or entry[0] != key:
-            # any(): a mask loaded from weights' nonzeros may miss zeros inside a kept block.
-            kept = self.mask.view(m // b, b, k // b, b).any(dim=3).any(dim=1)
-            entry = (key, kept, index_from_block_mask(kept, b, density))
-            if not capturing:  # a captured index lives in the graph's memory and follows its replays
-                self._block_index = entry
-        _, kept, index = entry
+        current = self._block_index_current()
+        if capturing and not current:
+            # Not warmed up on this mask: build the index inside the graph, which then rebuilds it at every
+            # replay (correct, only slower); nothing made inside a capture is kept.
+            _, kept, index = self._build_block_index()
+        else:
+            if not current:
+                self._rebuild_block_index()
+            _, kept, index = self._block_index
         return (kept if config.grad_mode == "masked" else None), index
+
+    def _scores_pick_blocks(self) -> bool:
+        return self.sparse_config.criterion == "scores" and not self._frozen
+
+    def _block_density(self) -> float:
+        """The kept fraction at this level: a host number, so building an index never waits for the GPU."""
+        b = self.sparse_config.block_size
+        m, k = self.mask.shape
+        blocks = (m // b) * (k // b)
+        return kept_block_count(blocks, self.level) / blocks
+
+    def _block_index_key(self) -> tuple:
+        return (self.mask.data_ptr(), self.mask._version, self.level)
+
+    def _block_index_current(self) -> bool:
+        return self._block_index is not None and not self._block_index_stale \
+            and self._block_index[0] == self._block_index_key()
+
+    def _build_block_index(self) -> tuple:
+        from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+        b = self.sparse_config.block_size
+        m, k = self.mask.shape
+        # any(): a mask loaded from weights' nonzeros may miss zeros inside a kept block.
+        kept = self.mask.view(m // b, b, k // b, b).any(dim=3).any(dim=1)
+        return self._block_index_key(), kept, index_from_block_mask(kept, b, self._block_density())
+
+    def sync_block_index(self) -> None:
+        """Bring the kernels' block index up to date with the stored mask before a CUDA graph replays a forward.
+
+        GraphedTraining calls it before every replay; eager forwards check for themselves. A layer whose index was
+        never built (dense, masked-dense route, 2:4) has nothing to do. A replay in which learned scores pick the
+        blocks writes the mask without moving its version counter, so the call before it marks the index stale.
+        """
+        if self._block_index is None:
+            return
+        if self._scores_pick_blocks():
+            self._block_index_stale = True
+        elif not self._block_index_current():
+            self._rebuild_block_index()
+
+    @torch.no_grad()
+    def _rebuild_block_index(self) -> None:
+        """Build the index of the stored mask, eagerly, into the tensors the old index had when there was one
+        (the shapes are the same at every level), so that a graph captured earlier reads the new one."""
+        key, kept, index = self._build_block_index()
+        old = self._block_index
+        if old is not None and old[1].device == kept.device:
+            _, old_kept, old_index = old
+            old_kept.copy_(kept)
+            for name in ("row_counts", "row_blocks", "col_counts", "col_blocks"):
+                getattr(old_index, name).copy_(getattr(index, name))
+            kept, index = old_kept, dataclasses.replace(old_index, density=index.density)
+        self._block_index = (key, kept, index)
+        self._block_index_stale = False
 
     def _block_sparse_weight(self, w: Tensor) -> Tensor:
         config = self.sparse_config
-        if config.criterion == "scores" and not self._frozen:
+        if self._scores_pick_blocks():
             block_mask = BlockScoreSTE.apply(self.block_scores, self.level)
             mask = expand_block_mask(block_mask, config.block_size)
             if self.training:

@@ -9,7 +9,9 @@ A graph replays the kernels that one forward chose, so it is only valid for the 
 chose them: the input's shape and dtype, autocast, and each sparse layer's flags (active, mask frozen,
 level, fused GELU). That state is the graph's key; a step with a new key captures a new graph (phase
 changes, mask-refresh steps vs frozen ones, the smaller last batch), and a step whose key was seen replays
-it. Eval forwards and forwards without grad run eager. All graphs share one memory pool: only one of them
+it. Tensor contents the graph reads may change between replays, and so may a block layer's mask (a schedule
+update, or learned scores in an earlier replay): each block layer rebuilds its kernels' index in place before a
+replay that needs it (`sync_block_index`), so the graph never rebuilds it itself. Eval forwards and forwards without grad run eager. All graphs share one memory pool: only one of them
 runs per step, and nothing a graph returns outlives its step.
 """
 from __future__ import annotations
@@ -76,6 +78,7 @@ class GraphedTraining:
         self.capture = capture or CudaGraphCapture()
         self.graphs: OrderedDict[tuple, Callable] = OrderedDict()
         self.captured = 0
+        self.layers = [layer for _, layer in sparse_modules(model)]
 
     def install(self) -> None:
         self.model.forward = self
@@ -88,6 +91,8 @@ class GraphedTraining:
         if not (self.model.training and torch.is_grad_enabled()):
             return type(self.model).forward(self.model, x)
         key = graph_key(self.model, x)
+        for layer in self.layers:
+            layer.sync_block_index()
         graphed = self.graphs.get(key)
         if graphed is None:
             graphed = self._capture(x, key)

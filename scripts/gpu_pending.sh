@@ -22,7 +22,8 @@
 #                                   ends within SECONDS (default 570): what a start-starved session can afford.
 #   bash scripts/gpu_pending.sh graphs [SECONDS]
 #                                   the least that can decide `cuda_graph`'s default: graphed training vs eager
-#                                   (tests/test_gpu_cuda_graphs.py), then train.py 2:4 eager vs cuda_graph.
+#                                   (tests/test_gpu_cuda_graphs.py), then train.py 2:4 eager vs cuda_graph; then
+#                                   the block MLP step (issue #6) with the block index built outside the graph.
 # Carry .whl (../shared/gpu/wheels.sh) for hydra/omegaconf, which the device image lacks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,9 @@ case "${1:-1}" in
   graphs) echo "=== tests/test_gpu_cuda_graphs.py ($(date +%T))"
           timeout "$(capped 120)" python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_gpu_cuda_graphs.py \
             2>&1 | tee "$OUT/test_gpu_cuda_graphs.log" | tail -15
-          bench i 300 "--quick --train-modes eager,cuda-graph" ;;
+          bench i 300 "--quick --train-modes eager,cuda-graph"
+          bench_block_mlp
+          (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;
   1) gpu_tests
      bench_block_mlp ;;
   2) bench b,c,d,f,g 520 --quick ;;

@@ -76,7 +76,13 @@ METHODS = {
     "block80_dress_masked": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask)",
                              (*_block("scores", 0.8), "sparsity.grad_mode=masked")),
     "block90_dress": ("block 90%, 16x16, DRESS scores", _block("scores", 0.9)),
+    # The ViT with every linear block-sparse (attention's qkv and proj too, as superblock sparsifies them): the
+    # MLPs alone lose nothing at 80%, so no recovery can show there.
+    "block80_mag_all": ("block 80%, 16x16, magnitude, every linear (attention too)", _block("magnitude", 0.8)),
+    "block80_dress_all": ("block 80%, 16x16, DRESS scores, every linear (attention too)", _block("scores", 0.8)),
 }
+# Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
+EVERY_LAYER = ("block80_mag_all", "block80_dress_all")
 
 
 # Methods that start from the weights of the dense row's run of the same seed (trained after it).
@@ -92,7 +98,7 @@ def runs_of(model: str, method: str, seeds, root: Path = RUNS) -> list[Run]:
     recipe, model_overrides = MODELS[model]
     method_keys = {override.split("=")[0] for override in METHODS[method][1]}
     model_overrides = tuple(o for o in model_overrides if o.split("=")[0] not in method_keys)  # the method's win
-    scope = BLOCK_SCOPE[model] if method.startswith("block") else ()
+    scope = BLOCK_SCOPE[model] if method.startswith("block") and method not in EVERY_LAYER else ()
     return [Run(root, recipe, f"{model}-{method}-s{seed}",
                 (*METHODS[method][1], *scope, *model_overrides, *COMMON, f"seed={seed}",
                  *((f"model.pretrained_path={dense_checkpoint(model, seed, root)}",) if method in FROM_DENSE else ())))
@@ -152,7 +158,8 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
     for dress_method, baseline, what in (
             ("block80_dress", "block80_mag", "magnitude (ste)"),
             ("block80_dress", "block80_gmp", "magnitude (masked, GMP)"),
-            ("block80_dress_freeze", "block80_mag_freeze", "magnitude (ste), both with the mask fixed after the ramp")):
+            ("block80_dress_freeze", "block80_mag_freeze", "magnitude (ste), both with the mask fixed after the ramp"),
+            ("block80_dress_all", "block80_mag_all", "magnitude (ste), both on every linear")):
         dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
         if dress_method != "block80_dress" and dress is None and magnitude is None:

@@ -59,3 +59,10 @@ def test_dress_with_a_fixed_final_mask_is_judged_against_magnitude_on_the_same_s
     assert "met (-0.75 pt vs dense, +1.30 pt vs magnitude (ste), both with the mask fixed" in line
     # the plain DRESS rows did not run: their two lines say so instead of judging the variant's runs
     assert sum("not run yet" in t and "DRESS" in t for t in lines) == 2 and len(lines) == 8
+
+
+def test_every_linear_block_rows_drop_the_mlp_scope_the_other_vit_block_rows_keep(tmp_path):
+    scoped = accuracy_table.runs_of("vit", "block80_dress", [0], tmp_path)[0].overrides
+    every = accuracy_table.runs_of("vit", "block80_dress_all", [0], tmp_path)[0].overrides
+    assert "sparsity.include=[blocks.*.mlp.*]" in scoped
+    assert not any(o.startswith("sparsity.include") for o in every) and "sparsity=dress" in every

@@ -125,7 +125,7 @@ def test_block_levels_are_part_of_the_key():
     (["compile=default"], "use one of them"),
     (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
     (["sparsity=dress_multi", "prune_schedule=constant"], "multi-subnet"),
-    (["cuda_graph=maybe"], "must be true or false"),
+    (["cuda_graph=maybe"], "must be true, false or auto"),
 ])
 def test_settings_graphs_cannot_serve_are_refused_with_the_fix(overrides, message, tmp_path):
     cfg = compose_cfg(["recipe=fmnist_vit_24", *TINY, "cuda_graph=true", *overrides], tmp_path)
@@ -139,3 +139,52 @@ def test_a_cpu_run_with_cuda_graph_trains_eager(tmp_path, caplog):
         summary = train(cfg)
     assert summary["global_step"] == 2
     assert any("cuda_graph skipped: training runs on cpu" in record.message for record in caplog.records)
+
+
+@pytest.mark.parametrize("overrides, graphs", [
+    ([], True),
+    (["compile=default"], False),
+    (["+trainer.accumulate_grad_batches=2"], False),
+])
+def test_auto_uses_graphs_unless_the_config_conflicts(overrides, graphs, tmp_path, caplog):
+    cfg = compose_cfg(["recipe=fmnist_vit_24", *TINY, "cuda_graph=auto", *overrides], tmp_path)
+    validate_config(cfg)  # auto never refuses a config
+    with caplog.at_level("INFO", logger="sparsetrain"):
+        assert cuda_graphs.graphs_wanted(cfg) == graphs
+    assert any("cuda_graph=auto: eager steps" in record.message for record in caplog.records) != graphs
+
+
+def test_auto_trains_eager_on_several_ranks_where_true_stops(caplog):
+    class Ranks:
+        world_size = 2
+    module = type("Module", (), {"device": torch.device("cuda"), "model": nn.Linear(2, 2)})()
+    with caplog.at_level("INFO", logger="sparsetrain"):
+        cuda_graphs.CudaGraphSteps(required=False).on_fit_start(Ranks(), module)
+    assert any("eager steps on 2 ranks" in record.message for record in caplog.records)
+    with pytest.raises(ValueError, match="set cuda_graph=false"):
+        cuda_graphs.CudaGraphSteps(required=True).on_fit_start(Ranks(), module)
+
+
+def test_replays_find_every_block_index_up_to_date():
+    """A mask changed between steps (a schedule update): the graph must not replay on the old index."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(64, 128), nn.Linear(64, 10))
+    sparsify_(model, BlockConfig(block_size=16, sparsity=0.5), include=["0.*"])
+    layers = [layer for _, layer in sparse_modules(model.train())]
+    for layer in layers:
+        layer.block_kernel_operands(torch.float32)  # what a first forward on the kernels builds
+
+    def capture(module, x):
+        def replay(inputs):
+            assert all(layer._block_index_current() for layer in layers), "replayed on a stale block index"
+            return type(module).forward(module, inputs)
+        return replay
+    GraphedTraining(model, capture).install()
+    x = torch.randn(8, 64)
+    model(x)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(torch.rand_like(layer.weight))
+            layer.update_mask()
+    model(x)

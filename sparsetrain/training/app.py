@@ -25,7 +25,7 @@ from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoi
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
 from sparsetrain.training.consistency import MaskAgreement
-from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict
+from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict, graphs_wanted
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
 from sparsetrain.training.lr import SCHEDULES
 from sparsetrain.training.module import SparseClassifier
@@ -96,10 +96,10 @@ def validate_config(cfg: DictConfig) -> None:
         check_gpu_backend_possible(cfg.sparsity.backend, cfg.trainer, cfg.sparsity.get("block_size"))
     if cfg.get("compile") is not None and cfg.compile not in COMPILE_MODES:
         raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
-    if cfg.get("cuda_graph") not in (None, True, False):
-        raise ConfigError(f"cuda_graph={cfg.cuda_graph} must be true or false")
+    if cfg.get("cuda_graph") not in (None, True, False, "auto"):
+        raise ConfigError(f"cuda_graph={cfg.cuda_graph} must be true, false or auto")
     conflict = config_conflict(cfg)
-    if conflict is not None:
+    if conflict is not None and cfg.cuda_graph is True:
         raise ConfigError(conflict)
 
 
@@ -284,8 +284,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         callbacks.insert(0, SparsityScheduler(schedule, log_every=ccfg.sparsity_log_every))
     if cfg.get("compile") is not None:
         callbacks.append(CompileModel(cfg.compile))
-    if cfg.get("cuda_graph"):
-        callbacks.append(CudaGraphSteps())
+    if graphs_wanted(cfg):
+        callbacks.append(CudaGraphSteps(required=cfg.cuda_graph is True))
     if cfg.sparsity.get("masked_decay"):
         callbacks.append(MaskedDecay(cfg.sparsity.masked_decay))
     if cfg.trainer.enable_progress_bar:

@@ -116,8 +116,9 @@ class GraphedTraining:
 
 
 def config_conflict(cfg) -> str | None:
-    """Why the composed config cannot train on captured graphs (naming the fix), or None when it can."""
-    if not cfg.get("cuda_graph"):
+    """Why the composed config cannot train on captured graphs (naming the fix), or None when it can.
+    Asked only of `cuda_graph: true`; `auto` turns graphs off instead (`graphs_wanted`)."""
+    if cfg.get("cuda_graph") in (None, False):
         return None
     if cfg.get("compile") is not None:
         return (f"cuda_graph=true with compile={cfg.compile}: use one of them (compile=reduce-overhead captures "
@@ -131,6 +132,18 @@ def config_conflict(cfg) -> str | None:
     return None
 
 
+def graphs_wanted(cfg) -> bool:
+    """Whether the run installs CudaGraphSteps: `true` always (conflicts were refused at start); `auto` unless
+    the config conflicts, which it logs (the run then trains eager)."""
+    mode = cfg.get("cuda_graph")
+    if mode != "auto":
+        return bool(mode)
+    conflict = config_conflict(cfg)
+    if conflict is not None:
+        log.info("cuda_graph=auto: eager steps, as graphs cannot serve this config (%s)", conflict)
+    return conflict is None
+
+
 class CudaGraphSteps(L.Callback):
     """The `cuda_graph: true` option: GraphedTraining on `pl_module.model` for the fit, where it can run.
 
@@ -138,7 +151,8 @@ class CudaGraphSteps(L.Callback):
     the reason and the fix. Settings it cannot serve are refused with the config (`config_conflict`).
     """
 
-    def __init__(self):
+    def __init__(self, required: bool = True):
+        self.required = required  # cuda_graph=true; false for `auto`, which trains eager where graphs cannot run
         self.graphs: GraphedTraining | None = None
 
     def on_fit_start(self, trainer, pl_module):
@@ -146,8 +160,12 @@ class CudaGraphSteps(L.Callback):
             log.info("cuda_graph skipped: training runs on %s; CUDA graphs need a CUDA GPU", pl_module.device.type)
             return
         if trainer.world_size > 1:
+            if not self.required:
+                log.info("cuda_graph=auto: eager steps on %d ranks (graphed steps under DDP are not tested yet)",
+                         trainer.world_size)
+                return
             raise ValueError(f"cuda_graph=true cannot run here: {trainer.world_size} ranks, and graphed steps under "
-                             "DDP are not tested yet; set cuda_graph=false for multi-GPU runs")
+                             "DDP are not tested yet; set cuda_graph=false (or auto) for multi-GPU runs")
         self.graphs = GraphedTraining(pl_module.model)
         self.graphs.install()
         log.info("cuda_graph: each training forward+backward replays a captured graph (captured per phase)")

@@ -21,8 +21,8 @@
 #                                   cuda_graph, the fused block MLP, bench b-d,f,g), each capped so the whole
 #                                   ends within SECONDS (default 570): what a start-starved session can afford.
 #   bash scripts/gpu_pending.sh graphs [SECONDS]
-#                                   the least that can decide `cuda_graph`'s default: graphed training vs eager
-#                                   (tests/test_gpu_cuda_graphs.py), then train.py 2:4 eager vs cuda_graph; then
+#                                   what decides `cuda_graph`'s default: every GPU test (graphed training vs eager
+#                                   among them; capped at 250 s), then train.py 2:4 eager vs cuda_graph; then
 #                                   the block MLP step (issue #6) with the block index built outside the graph.
 # Carry .whl (../shared/gpu/wheels.sh) for hydra/omegaconf, which the device image lacks.
 set -uo pipefail
@@ -68,9 +68,7 @@ case "${1:-1}" in
        bench b,c,d,f,g 200 --quick
        # At most 8 files come back from a call: the bench logs and reports travel as one archive.
        (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;
-  graphs) echo "=== tests/test_gpu_cuda_graphs.py ($(date +%T))"
-          timeout "$(capped 120)" python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_gpu_cuda_graphs.py \
-            2>&1 | tee "$OUT/test_gpu_cuda_graphs.log" | tail -15
+  graphs) gpu_tests 250
           bench i 300 "--quick --train-modes eager,cuda-graph"
           bench_block_mlp
           (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;

@@ -76,6 +76,10 @@ METHODS = {
     "block80_dress_masked": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask)",
                              (*_block("scores", 0.8), "sparsity.grad_mode=masked")),
     "block90_dress": ("block 90%, 16x16, DRESS scores", _block("scores", 0.9)),
+    # Scores that move 10x slower than the weights: fewer blocks swap per step, which a network whose layers
+    # feed BatchNorm (the ResNet) may need while the blocks are re-picked every step.
+    "block80_dress_slow": ("block 80%, 16x16, DRESS scores at 0.1x the learning rate",
+                           (*_block("scores", 0.8), "sparsity.score_lr_scale=0.1")),
     # The ViT with every linear block-sparse (attention's qkv and proj too, as superblock sparsifies them): the
     # MLPs alone lose nothing at 80%, so no recovery can show there.
     "block80_mag_all": ("block 80%, 16x16, magnitude, every linear (attention too)", _block("magnitude", 0.8)),
@@ -159,7 +163,8 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress", "block80_mag", "magnitude (ste)"),
             ("block80_dress", "block80_gmp", "magnitude (masked, GMP)"),
             ("block80_dress_freeze", "block80_mag_freeze", "magnitude (ste), both with the mask fixed after the ramp"),
-            ("block80_dress_all", "block80_mag_all", "magnitude (ste), both on every linear")):
+            ("block80_dress_all", "block80_mag_all", "magnitude (ste), both on every linear"),
+            ("block80_dress_slow", "block80_mag", "magnitude (ste), DRESS scores at 0.1x the learning rate")):
         dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
         if dress_method != "block80_dress" and dress is None and magnitude is None:

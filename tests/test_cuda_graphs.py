@@ -188,3 +188,19 @@ def test_replays_find_every_block_index_up_to_date():
             layer.weight.mul_(torch.rand_like(layer.weight))
             layer.update_mask()
     model(x)
+
+
+def test_no_garbage_collection_runs_while_a_graph_is_captured(monkeypatch):
+    """A collection that frees an old graph mid-capture destroys it there, which fails the capture."""
+    import gc
+    seen = []
+
+    def fake_make_graphed_callables(model, sample_args, **kwargs):
+        seen.append(gc.isenabled())
+        model.forward = lambda x: type(model).forward(model, x)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    model = sparse_mlp()
+    assert gc.isenabled()
+    replay = cuda_graphs.CudaGraphCapture()(model, torch.randn(8, 64))
+    assert seen == [False] and gc.isenabled() and callable(replay)

@@ -16,6 +16,7 @@ runs per step, and nothing a graph returns outlives its step.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from collections import OrderedDict
 from typing import Callable
@@ -63,9 +64,19 @@ class CudaGraphCapture:
         # it was made on, so the capture's backward would touch the legacy stream and the capture fails
         # (cudaErrorStreamCaptureImplicit, seen on the H100 with torch 2.11).
         del out
-        # A clone: make_graphed_callables keeps its sample as the graph's input buffer, refilled at each replay.
-        torch.cuda.make_graphed_callables(model, (x.detach().clone(),), num_warmup_iters=1, allow_unused_input=True,
-                                          pool=self.pool)
+        # No garbage collection while capturing: a collection that frees an old graph (graphs sit in reference
+        # cycles with their autograd functions) destroys it mid-capture, which a capture forbids, and the
+        # capture fails (seen on the H100 after earlier graphs of the same process were dropped).
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # A clone: make_graphed_callables keeps its sample as the graph's input buffer, refilled at each replay.
+            torch.cuda.make_graphed_callables(model, (x.detach().clone(),), num_warmup_iters=1,
+                                              allow_unused_input=True, pool=self.pool)
+        finally:
+            if collecting:
+                gc.enable()
         return model.__dict__.pop("forward")  # the replaying forward make_graphed_callables put on the module
 
 

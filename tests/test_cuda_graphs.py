@@ -204,3 +204,13 @@ def test_no_garbage_collection_runs_while_a_graph_is_captured(monkeypatch):
     assert gc.isenabled()
     replay = cuda_graphs.CudaGraphCapture()(model, torch.randn(8, 64))
     assert seen == [False] and gc.isenabled() and callable(replay)
+
+
+def test_a_key_that_keeps_changing_is_reported_once(caplog):
+    model, capture = sparse_mlp(), CountingCapture()
+    GraphedTraining(model, capture).install()
+    with caplog.at_level("INFO", logger="sparsetrain"):
+        for rows in range(1, cuda_graphs.CHURN_WARNING + 3):  # a new batch shape each step: a new key each step
+            model(torch.randn(rows, 64))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "keeps changing" in r.message]
+    assert len(capture.keys) == cuda_graphs.CHURN_WARNING + 2 and len(warnings) == 1

@@ -30,6 +30,7 @@ from sparsetrain.sparse.sparsify import sparse_modules
 log = logging.getLogger("sparsetrain")
 
 MAX_GRAPHS = 6  # keys alive at once (a run sees 2-4); the oldest is dropped beyond that
+CHURN_WARNING = 2 * MAX_GRAPHS  # captures after which the run is told that graphs do not pay off
 
 
 def graph_key(model: nn.Module, x: Tensor) -> tuple:
@@ -123,6 +124,11 @@ class GraphedTraining:
         self.captured += 1
         log.info("cuda_graph: capture %d of the training forward+backward (input %s, %d sparse layers)",
                  self.captured, tuple(x.shape), len(key[-1]))
+        if self.captured == CHURN_WARNING:
+            log.warning("cuda_graph: %d captures so far: the graph key (phase, mask refresh on/off, block level, "
+                        "batch shape) keeps changing, and each capture costs several eager steps; a schedule "
+                        "that moves the block level at every update (a gradual ramp) trains faster with "
+                        "cuda_graph=false", self.captured)
         return graphed
 
 

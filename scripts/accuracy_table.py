@@ -80,13 +80,15 @@ METHODS = {
     # feed BatchNorm (the ResNet) may need while the blocks are re-picked every step.
     "block80_dress_slow": ("block 80%, 16x16, DRESS scores at 0.1x the learning rate",
                            (*_block("scores", 0.8), "sparsity.score_lr_scale=0.1")),
+    "block80_dress_slow_all": ("block 80%, 16x16, DRESS scores at 0.1x the learning rate, every linear (attention too)",
+                               (*_block("scores", 0.8), "sparsity.score_lr_scale=0.1")),
     # The ViT with every linear block-sparse (attention's qkv and proj too, as superblock sparsifies them): the
     # MLPs alone lose nothing at 80%, so no recovery can show there.
     "block80_mag_all": ("block 80%, 16x16, magnitude, every linear (attention too)", _block("magnitude", 0.8)),
     "block80_dress_all": ("block 80%, 16x16, DRESS scores, every linear (attention too)", _block("scores", 0.8)),
 }
 # Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
-EVERY_LAYER = ("block80_mag_all", "block80_dress_all")
+EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all")
 
 
 # Methods that start from the weights of the dense row's run of the same seed (trained after it).
@@ -164,7 +166,9 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress", "block80_gmp", "magnitude (masked, GMP)"),
             ("block80_dress_freeze", "block80_mag_freeze", "magnitude (ste), both with the mask fixed after the ramp"),
             ("block80_dress_all", "block80_mag_all", "magnitude (ste), both on every linear"),
-            ("block80_dress_slow", "block80_mag", "magnitude (ste), DRESS scores at 0.1x the learning rate")):
+            ("block80_dress_slow", "block80_mag", "magnitude (ste), DRESS scores at 0.1x the learning rate"),
+            ("block80_dress_slow_all", "block80_mag_all",
+             "magnitude (ste), both on every linear, DRESS scores at 0.1x the learning rate")):
         dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
         if dress_method != "block80_dress" and dress is None and magnitude is None:

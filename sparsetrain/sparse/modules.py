@@ -487,8 +487,8 @@ class SparseGemmLayer(nn.Module):
         return (self.mask.data_ptr(), self.mask._version, self.level)
 
     def _block_index_current(self) -> bool:
-        return self._block_index is not None and not self._block_index_stale \
-            and self._block_index[0] == self._block_index_key()
+        return (self._block_index is not None and not self._block_index_stale
+                and self._block_index[0] == self._block_index_key())
 
     def _build_block_index(self) -> tuple:
         from sparsetrain.kernels.bsr_matmul import index_from_block_mask

@@ -11,8 +11,9 @@ level, fused GELU). That state is the graph's key; a step with a new key capture
 changes, mask-refresh steps vs frozen ones, the smaller last batch), and a step whose key was seen replays
 it. Tensor contents the graph reads may change between replays, and so may a block layer's mask (a schedule
 update, or learned scores in an earlier replay): each block layer rebuilds its kernels' index in place before a
-replay that needs it (`sync_block_index`), so the graph never rebuilds it itself. Eval forwards and forwards without grad run eager. All graphs share one memory pool: only one of them
-runs per step, and nothing a graph returns outlives its step.
+replay that needs it (`sync_block_index`), so the graph never rebuilds it itself. Eval forwards and forwards
+without grad run eager. All graphs share one memory pool: only one of them runs per step, and nothing a graph
+returns outlives its step.
 """
 from __future__ import annotations
 

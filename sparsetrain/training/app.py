@@ -98,9 +98,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
     if cfg.get("cuda_graph") not in (None, True, False, "auto"):
         raise ConfigError(f"cuda_graph={cfg.cuda_graph} must be true, false or auto")
-    conflict = config_conflict(cfg)
-    if conflict is not None and cfg.cuda_graph is True:
-        raise ConfigError(conflict)
+    if cfg.get("cuda_graph") is True and (conflict := config_conflict(cfg)) is not None:
+        raise ConfigError(conflict)  # `auto` trains eager instead (graphs_wanted)
 
 
 def unset_keys(container, prefix: str = "") -> list[str]:

@@ -135,7 +135,7 @@ class GraphedTraining:
 
 def config_conflict(cfg) -> str | None:
     """Why the composed config cannot train on captured graphs (naming the fix), or None when it can.
-    Asked only of `cuda_graph: true`; `auto` turns graphs off instead (`graphs_wanted`)."""
+    `cuda_graph: true` refuses such a config at start; `auto` trains it eager instead (`graphs_wanted`)."""
     if cfg.get("cuda_graph") in (None, False):
         return None
     if cfg.get("compile") is not None:

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from sparsetrain.training.loggers import device_scalar
+from sparsetrain.training.loss_watch import LossWatch, WatchedLoss
 from sparsetrain.training.lr import lr_multiplier
 
 log = logging.getLogger("sparsetrain")
@@ -36,6 +37,7 @@ class SparseClassifier(L.LightningModule):
         self.sched = dict(sched)
         self.label_smoothing = label_smoothing
         self.nonfinite = nonfinite
+        self.loss_watch = LossWatch()
         if not score_lr_scale > 0:
             raise ValueError(f"score_lr_scale={score_lr_scale} must be > 0: it multiplies optim.lr for DRESS block scores")
         self.score_lr_scale = float(score_lr_scale)
@@ -71,9 +73,8 @@ class SparseClassifier(L.LightningModule):
         else:
             logits = self(x)
             loss = self._loss(logits, y)
-        # All ranks take the same branch: one rank skipping backward (or stopping) while the others go on hangs DDP.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            return self._on_nonfinite(loss, x)
+        # Judged in on_before_optimizer_step, once the backward is queued: no host sync here.
+        self.loss_watch.record(loss, self.trainer.strategy, self.global_step, x)
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=False)
@@ -95,15 +96,23 @@ class SparseClassifier(L.LightningModule):
         set_block_level(self.model, self.subnet_levels[0])
         return total, logits
 
-    def _on_nonfinite(self, loss, x):
+    def on_before_optimizer_step(self, optimizer):
+        watched = self.loss_watch.first_nonfinite()
+        if watched is not None:
+            self._on_nonfinite(watched, optimizer)
+
+    def _on_nonfinite(self, watched: WatchedLoss, optimizer):
+        """skip: drop this optimizer step's gradients, so no parameter moves (every rank alike: the flag was
+        summed over ranks). stop: raise before the update; StopCheckpoint saves the state as it was."""
         if self.nonfinite == "skip":
+            optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            log.warning("step %d: loss is %s, step skipped (nonfinite=skip)", self.global_step, loss.item())
+            log.warning("step %d: loss is %s, step skipped (nonfinite=skip)", watched.step, watched.loss.item())
             self.log("train/skipped_steps", float(self.skipped_steps))
-            return None  # Lightning skips backward and the optimizer step
-        culprit = first_nonfinite_layer(self.model, x)
+            return
+        culprit = first_nonfinite_layer(self.model, watched.inputs)
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {self.global_step}; first non-finite output: {culprit}. "
+            f"loss is {watched.loss.item()} at step {watched.step}; first non-finite output: {culprit}. "
             "Lower optim.lr, set trainer.gradient_clip_val, or run with nonfinite=skip.")
 
     def validation_step(self, batch, batch_idx):

@@ -96,6 +96,7 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     (["sparsity=dress", "prune_schedule=finetune"], "never train"),
     (["sparsity=dress_multi", "prune_schedule=iterative"], "never train"),
     (["sched.name=linear"], r"sched.name=linear is not known: use sched=cosine or sched=constant"),
+    (["trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"], r"optim.fused=false"),
     (["objective=val/loss"], r"objective=val/loss is not an accuracy this run logs .*\['val/acc'\]"),
     (["sparsity=dress_multi", "prune_schedule=constant", "objective=val/acc@0.3"],
      r"objective=val/acc@0.3 .*\['val/acc', 'val/acc@0.8', 'val/acc@0.5'\]"),
@@ -165,3 +166,27 @@ def test_steps_per_epoch_count_what_each_rank_steps(trainer, steps):
     """Schedules that need the run's length (dense_final) must see DDP's split and gradient accumulation."""
     cfg = OmegaConf.create({"trainer": {"devices": 1, "accelerator": "cpu", **trainer}})
     assert estimate_steps_per_epoch(cfg, _Batches(10)) == steps
+
+
+def test_bf16_mixed_clips_the_gradients_of_the_fused_optimizer(tmp_path, monkeypatch):
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer; bf16 has no scaler, so the
+    module clips itself. The gradients each optimizer step used (still there after it) must have the clipped norm."""
+    import lightning.pytorch as L
+
+    from sparsetrain.training import app
+
+    norms = []
+
+    class GradNorms(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            assert optimizer.defaults["fused"]
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            optimizer.register_step_post_hook(lambda *_: norms.append(float(torch.stack(
+                [p.grad.norm() for p in params if p.grad is not None]).norm())))
+
+    build_callbacks = app.build_callbacks
+    monkeypatch.setattr(app, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), GradNorms()])
+    train(compose_cfg(["recipe=fmnist_dense", *TINY, "trainer.max_steps=3", "trainer.precision=bf16-mixed",
+                       "trainer.gradient_clip_val=0.01"], tmp_path))
+    assert len(norms) == 3 and max(norms) <= 0.01 * 1.001

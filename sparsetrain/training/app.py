@@ -90,6 +90,11 @@ def validate_config(cfg: DictConfig) -> None:
     check_objective(cfg)
     if cfg.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
+    if (str(cfg.trainer.precision).startswith("16") and cfg.trainer.get("gradient_clip_val")
+            and cfg.optim.get("fused")):
+        # GradScaler leaves fp16 gradients scaled until a fused optimizer unscales them inside its step.
+        raise ConfigError("trainer.precision=16-mixed with trainer.gradient_clip_val clips scaled gradients under a "
+                          "fused optimizer: set optim.fused=false, or use trainer.precision=bf16-mixed")
     if cfg.trainer.max_steps in (None, -1) and cfg.trainer.max_epochs in (None, -1):
         raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
     if cfg.sparsity.get("backend") in ("cusparselt", "triton_bsr"):

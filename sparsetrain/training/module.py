@@ -96,6 +96,23 @@ class SparseClassifier(L.LightningModule):
         set_block_level(self.model, self.subnet_levels[0])
         return total, logits
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as Lightning does, also for fused optimizers under bf16-mixed.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that can unscale gradients
+        itself (fused AdamW, optim/adamw.yaml's default), guarding GradScaler's fp16 unscaling. bf16-mixed
+        has no scaler, so the gradients are the true ones and clipping them here is exact.
+        """
+        no_scaler = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and no_scaler and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)) == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer):
         watched = self.loss_watch.first_nonfinite()
         if watched is not None:

@@ -57,6 +57,13 @@ def _case(seed: int, block_size: int, dtype=torch.float16):
     return x, w, bias, gy, _block_mask(out_blocks, in_blocks, seed)
 
 
+def _unaligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a view whose base is 2 bytes past a 16-byte boundary (rows stay 16-byte multiples)."""
+    wider = torch.zeros(x.shape[0], x.shape[1] + 8, dtype=x.dtype)
+    wider[:, 1:x.shape[1] + 1] = x
+    return wider[:, 1:x.shape[1] + 1]
+
+
 def _gelu_input(rows: int, features: int) -> torch.Tensor:
     """A pre-activation h spanning GELU's curved part (where GELU' moves from 0 to 1) and both tails."""
     g = torch.Generator().manual_seed(rows)
@@ -77,14 +84,32 @@ def _mlp_case(b: int):
 
 
 # --------------------------------------------------------------------- the interpreter's child process
-def _child_forward(x, w, bias, block_mask, block_size, gelu):
+def _config(fields):
+    """A KernelConfig from a plain tuple (the child's inputs load with weights_only); None: the default."""
+    from sparsetrain.kernels.bsr_autotune import KernelConfig
+    return None if fields is None else KernelConfig(*fields)
+
+
+def _child_forward(x, w, bias, block_mask, block_size, gelu, config=None):
     from sparsetrain.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
-    return block_sparse_linear(x, w, index_from_block_mask(block_mask, block_size), bias, gelu=gelu)
+    return block_sparse_linear(x, w, index_from_block_mask(block_mask, block_size), bias, gelu=gelu,
+                               config=_config(config))
 
 
-def _child_input_grad(gy, w, block_mask, block_size):
+def _child_forward_without_tma(x, w, block_mask, block_size, config):
+    """The forward with the TMA kernel made to fail if launched: the config must fall back to the pointer kernel."""
+    from sparsetrain.kernels import bsr_matmul
+
+    class NotLaunchable:
+        def __getitem__(self, grid):
+            raise AssertionError("the TMA kernel was launched on operands it cannot address")
+    bsr_matmul._block_sparse_mm_tma_kernel = NotLaunchable()
+    return _child_forward(x, w, None, block_mask, block_size, False, config)
+
+
+def _child_input_grad(gy, w, block_mask, block_size, config=None):
     from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
-    return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size))
+    return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), config=_config(config))
 
 
 def _child_autograd(x, w, bias, gy, block_mask, block_size, grad_mode):
@@ -98,9 +123,10 @@ def _child_autograd(x, w, bias, gy, block_mask, block_size, grad_mode):
     return y[0].detach(), x.grad, w.grad, bias.grad, learned.grad
 
 
-def _child_gelu_input_grad(gy, w, h, block_mask, block_size):
+def _child_gelu_input_grad(gy, w, h, block_mask, block_size, config=None):
     from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
-    return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), gelu_input=h)
+    return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), gelu_input=h,
+                                   config=_config(config))
 
 
 def _child_mlp(x, fc1, fc2, gy, block_size, grad_mode):
@@ -172,6 +198,8 @@ class _Interpreted:
 BLOCK_SIZES = (16, 32, 64)
 SEEDS = (0, 1)
 EPILOGUES = {"plain": (False, False), "bias": (True, False), "bias+gelu": (True, True)}
+# The two kernels: pointer loads (the default off sm90 and inside an untuned capture) and TMA descriptors.
+KERNELS = {"pointer": None, "tma": (64, 4, 3, True)}
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +210,19 @@ def interpreted(tmp_path_factory):
     for b in BLOCK_SIZES:
         for seed in SEEDS:
             x, w, bias, gy, mask = _case(seed, b)
-            for epilogue, (with_bias, gelu) in EPILOGUES.items():
-                runner.add(f"fwd-{b}-{seed}-{epilogue}", _child_forward, x, w, bias if with_bias else None, mask, b,
-                           gelu)
-            runner.add(f"dx-{b}-{seed}", _child_input_grad, gy, w, mask, b)
+            for kernel, config in KERNELS.items():
+                for epilogue, (with_bias, gelu) in EPILOGUES.items():
+                    runner.add(f"fwd-{kernel}-{b}-{seed}-{epilogue}", _child_forward, x, w,
+                               bias if with_bias else None, mask, b, gelu, config)
+                runner.add(f"dx-{kernel}-{b}-{seed}", _child_input_grad, gy, w, mask, b, config)
         for grad_mode in ("ste", "masked"):
             x, w, bias, gy, mask = _case(7, b)
             runner.add(f"autograd-{b}-{grad_mode}", _child_autograd, x, w, bias, gy, mask, b, grad_mode)
     for b in BLOCK_SIZES:
         _, w, _, gy, mask = _case(11, b)
-        runner.add(f"gelu-dx-{b}", _child_gelu_input_grad, gy, w, _gelu_input(gy.shape[0], w.shape[1]), mask, b)
+        for kernel, config in KERNELS.items():
+            runner.add(f"gelu-dx-{kernel}-{b}", _child_gelu_input_grad, gy, w, _gelu_input(gy.shape[0], w.shape[1]),
+                       mask, b, config)
         for grad_mode in ("ste", "masked"):
             x, fc1, fc2, gy = _mlp_case(b)
             runner.add(f"mlp-{b}-{grad_mode}", _child_mlp, x, fc1, fc2, gy, b, grad_mode)
@@ -200,6 +231,7 @@ def interpreted(tmp_path_factory):
     runner.add("all-kept", _child_input_grad, torch.randn(x.shape[0], w.shape[0]).half(), w, torch.ones_like(mask),
                16)
     runner.add("export", _child_export_round_trip, w, mask, 16, x)
+    runner.add("tma-unaligned", _child_forward_without_tma, _unaligned_copy(x), w, mask, 16, KERNELS["tma"])
     runner.run(tmp_path_factory.mktemp("bsr-interpreter"))
     return runner
 
@@ -211,13 +243,14 @@ def _reference_forward(x, w, bias, mask, b, gelu):
     return F.gelu(y) if gelu else y
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-def test_forward_equals_masked_dense(interpreted, b, seed, epilogue):
+def test_forward_equals_masked_dense(interpreted, kernel, b, seed, epilogue):
     x, w, bias, _, mask = _case(seed, b)
     with_bias, gelu = EPILOGUES[epilogue]
-    y = interpreted[f"fwd-{b}-{seed}-{epilogue}"]
+    y = interpreted[f"fwd-{kernel}-{b}-{seed}-{epilogue}"]
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0])
     assert _relative_error(y, _reference_forward(x, w, bias if with_bias else None, mask, b, gelu)) < 2e-3
     # The empty block row gets exactly the bias (or zeros): its blocks are never read.
@@ -225,22 +258,24 @@ def test_forward_equals_masked_dense(interpreted, b, seed, epilogue):
     torch.testing.assert_close(y[:, :b].float(), expected_row[:b].expand(x.shape[0], b).float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_input_grad_equals_masked_dense(interpreted, b, seed):
+def test_input_grad_equals_masked_dense(interpreted, kernel, b, seed):
     _, w, _, gy, mask = _case(seed, b)
-    dx = interpreted[f"dx-{b}-{seed}"]
+    dx = interpreted[f"dx-{kernel}-{b}-{seed}"]
     ref = gy.double() @ (w.double() * expand_block_mask(mask, b))
     assert dx.shape == (gy.shape[0], w.shape[1]) and _relative_error(dx, ref) < 2e-3
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
-def test_input_grad_with_the_gelu_derivative_epilogue_equals_masked_dense(interpreted, b):
+def test_input_grad_with_the_gelu_derivative_epilogue_equals_masked_dense(interpreted, kernel, b):
     """gelu_input=h: dx = (gy @ W_s) * GELU'(h), the dL/dh that GELU's own backward would give."""
     _, w, _, gy, mask = _case(11, b)
     h = _gelu_input(gy.shape[0], w.shape[1]).double().requires_grad_(True)
     F.gelu(h).backward(gy.double() @ (w.double() * expand_block_mask(mask, b)))
-    dh = interpreted[f"gelu-dx-{b}"]
+    dh = interpreted[f"gelu-dx-{kernel}-{b}"]
     assert dh.shape == h.shape and dh.dtype == gy.dtype and _relative_error(dh, h.grad) < 2e-3
 
 
@@ -270,6 +305,13 @@ def test_no_kept_block_gives_zeros_and_all_kept_is_dense(interpreted):
     assert torch.equal(interpreted["all-pruned"], torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))
     dx = interpreted["all-kept"]
     assert dx.shape == (x.shape[0], w.shape[1]) and torch.isfinite(dx).all()
+
+
+def test_a_tma_config_on_operands_tma_cannot_address_runs_the_pointer_kernel(interpreted):
+    x, w, _, _, mask = _case(3, 16)
+    unaligned = _unaligned_copy(x)
+    assert unaligned.data_ptr() % 16  # the premise: TMA needs a 16-byte aligned base
+    assert _relative_error(interpreted["tma-unaligned"], _reference_forward(unaligned, w, None, mask, 16, False)) < 2e-3
 
 
 @pytest.mark.parametrize("b", BLOCK_SIZES)
@@ -454,9 +496,37 @@ def test_tuning_is_remembered_in_memory_and_in_the_json_file(fresh_tuning, monke
     assert tuning.pick(key, run=lambda config: None) == best and len(calls) == 1
     assert tuning.pick(other, run=lambda config: None) == tuning.KernelConfig(64, 4, 4)
     stored = json.loads(tuning.cache_path().read_text())
-    assert stored[key.text] == {"block_m": 256, "num_warps": 8, "num_stages": 3} and other.text in stored
+    assert stored[key.text] == {"block_m": 256, "num_warps": 8, "num_stages": 3, "tma": False} and other.text in stored
     monkeypatch.setattr(tuning, "_entries", None)  # a new process reads the file
     assert tuning.entries()[key.text] == best
+
+
+def test_tuning_passes_over_candidates_that_cannot_run_here(monkeypatch):
+    """Too much shared memory, operands TMA cannot address, or a Triton/GPU without tensor descriptors: the
+    candidate drops out. A pointer kernel that fails to compile is a bug and surfaces."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    from sparsetrain.kernels import bsr_autotune as tuning
+    cfg = tuning.KernelConfig
+    failures = {cfg(64, 4, 2): None, cfg(256, 8, 4): OutOfResources(300000, 232448, "shared memory"),
+                cfg(64, 4, 3, tma=True): tuning.ConfigUnsupported("unaligned"),
+                cfg(128, 4, 5, tma=True): CompilationError("", ast.parse("x"), "no descriptors here"),
+                cfg(128, 4, 2, tma=True): None}
+    monkeypatch.setattr(tuning, "CANDIDATES", tuple(failures))
+    monkeypatch.setattr(tuning.triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
+
+    def run(config):
+        if failures[config] is not None:
+            raise failures[config]
+    best, timings = tuning.tune(run)
+    assert set(timings) == {cfg(64, 4, 2), cfg(128, 4, 2, tma=True)} and best == cfg(64, 4, 2)
+
+    failures[cfg(64, 4, 2)] = CompilationError("", ast.parse("x"), "a bug in the pointer kernel")
+    with pytest.raises(CompilationError):
+        tuning.tune(run)
 
 
 def test_a_damaged_tuning_file_means_retuning_not_failing(fresh_tuning):
@@ -482,10 +552,11 @@ def _gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1000, 256, 192), (12608, 1024, 4096)])
-def test_gpu_kernels_equal_masked_dense(b, dtype, shape):
+def test_gpu_kernels_equal_masked_dense(kernel, b, dtype, shape):
     _gpu()
     from sparsetrain.kernels import bsr_autotune
     from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
@@ -500,13 +571,18 @@ def test_gpu_kernels_equal_masked_dense(b, dtype, shape):
     w_masked = w.double() * expand_block_mask(mask, b)
     torch.cuda.empty_cache()
     torch.full((1 << 26,), float("nan"), device="cuda")  # poison freed memory: an unwritten output shows
-    config = bsr_autotune.DEFAULT  # tuning is tested on its own; here it would only cost time
+    # Tuning is tested on its own; here it would only cost time. Deep pipelines, as the tuner picks on sm90.
+    config = bsr_autotune.DEFAULT if kernel == "pointer" else bsr_autotune.KernelConfig(128, 4, 5, tma=True)
     y = block_sparse_linear(x, w, index, bias, gelu=True, config=config)
     assert _relative_error(y, F.gelu(x.double() @ w_masked.t() + bias.double())) < 1e-2
     y = block_sparse_linear(x, w, index, config=config)
     assert _relative_error(y, x.double() @ w_masked.t()) < 1e-2
     dx = block_sparse_input_grad(gy, w, index, config=config)
     assert _relative_error(dx, gy.double() @ w_masked) < 1e-2
+    h = (3 * torch.randn(rows, in_f, device="cuda", generator=g)).to(dtype).requires_grad_(True)
+    F.gelu(h.double()).backward(gy.double() @ w_masked)
+    dh = block_sparse_input_grad(gy, w, index, gelu_input=h.detach(), config=config)
+    assert _relative_error(dh, h.grad) < 1e-2
 
 
 def _bf16_step(module, x, tensors_of):

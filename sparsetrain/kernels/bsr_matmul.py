@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsetrain.kernels import bsr_autotune
 
@@ -112,6 +113,15 @@ def _gelu_grad(h):
 
 
 @triton.jit
+def _bias_gelu(acc, bias_ptr, n, B: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n * B + tl.arange(0, B)).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu(acc)
+    return acc
+
+
+@triton.jit
 def _block_sparse_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, counts_ptr, blocks_ptr, h_ptr,
                             rows, stride_a, stride_w, stride_out, stride_blocks, out_blocks, stride_h,
                             TRANSPOSED: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -142,16 +152,45 @@ def _block_sparse_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, counts_ptr, blocks_
         else:
             w = tl.trans(tl.load(w_tile + k * B))
         acc = tl.dot(a, w, acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n * B + offs_b).to(tl.float32)[None, :]
-    if GELU:
-        acc = _gelu(acc)
+    acc = _bias_gelu(acc, bias_ptr, n, B, HAS_BIAS, GELU)
     if GELU_GRAD:  # times GELU' at the pre-activation h (same shape as the output)
         h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_h + (n * B + offs_b)[None, :],
                     mask=row_ok[:, None], other=0.0)
         acc = acc * _gelu_grad(h.to(tl.float32))
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + (n * B + offs_b)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _block_sparse_mm_tma_kernel(a_desc, w_desc, out_desc, h_desc, bias_ptr, counts_ptr, blocks_ptr, stride_blocks,
+                                out_blocks, TRANSPOSED: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr,
+                                STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                                GELU_GRAD: tl.constexpr):
+    """`_block_sparse_mm_kernel` with every tile moved by tensor descriptors (TMA on sm90): the copy engine
+    computes the addresses and zero-fills rows past the end, so the warps only issue the MMAs. Measured on an
+    H100 at the ViT-L MLP shapes, 8-14% faster than the pointer kernel (benchmarks/, issue #6)."""
+    pid = tl.program_id(0)
+    pid_m = pid // out_blocks
+    n = pid - pid_m * out_blocks
+    count = tl.load(counts_ptr + n)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    for i in tl.range(0, count, num_stages=STAGES):
+        k = tl.load(blocks_ptr + n * stride_blocks + i)
+        a = a_desc.load([pid_m * BLOCK_M, k * B])
+        if TRANSPOSED:
+            w = w_desc.load([k * B, n * B])
+        else:
+            w = w_desc.load([n * B, k * B]).T
+        acc = tl.dot(a, w, acc)
+    acc = _bias_gelu(acc, bias_ptr, n, B, HAS_BIAS, GELU)
+    if GELU_GRAD:
+        acc = acc * _gelu_grad(h_desc.load([pid_m * BLOCK_M, n * B]).to(tl.float32))
+    out_desc.store([pid_m * BLOCK_M, n * B], acc.to(out_desc.dtype))
+
+
+def _descriptor_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can address these row-major operands: 16-byte aligned base and row stride."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def _check_operands(a: torch.Tensor, weight: torch.Tensor, index: BlockIndex, a_features: int, what: str) -> None:
@@ -180,8 +219,23 @@ def _launch(a, weight, index, bias, gelu, transposed, config, gelu_input=None):
     b = index.block_size
     out_blocks = out_features // b
 
+    tensors = (a, weight, out) if gelu_input is None else (a, weight, out, gelu_input)
+    descriptors_ok = _descriptor_ready(*tensors)
+
     def run(cfg: bsr_autotune.KernelConfig) -> None:
         grid = (triton.cdiv(rows, cfg.block_m) * out_blocks,)
+        if cfg.tma:
+            if not descriptors_ok:
+                raise bsr_autotune.ConfigUnsupported("operands not 16-byte aligned for TMA")
+            tile = [cfg.block_m, b]
+            h = gelu_input if gelu_input is not None else out
+            _block_sparse_mm_tma_kernel[grid](
+                TensorDescriptor.from_tensor(a, tile), TensorDescriptor.from_tensor(weight, [b, b]),
+                TensorDescriptor.from_tensor(out, tile), TensorDescriptor.from_tensor(h, tile),
+                bias if bias is not None else a, counts, blocks, blocks.stride(0), out_blocks,
+                TRANSPOSED=transposed, B=b, BLOCK_M=cfg.block_m, STAGES=cfg.num_stages, HAS_BIAS=bias is not None,
+                GELU=gelu, GELU_GRAD=gelu_input is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return
         _block_sparse_mm_kernel[grid](
             a, weight, bias if bias is not None else a, out, counts, blocks, a if gelu_input is None else gelu_input,
             rows, a.stride(0), weight.stride(0), out.stride(0), blocks.stride(0), out_blocks,
@@ -199,6 +253,8 @@ def _launch(a, weight, index, bias, gelu, transposed, config, gelu_input=None):
                                         index.density, a.dtype, bias is not None, gelu or gelu_input is not None,
                                         a.device)
         config = bsr_autotune.pick(key, run)
+    if config.tma and not descriptors_ok:  # tuned on aligned operands; these are not
+        config = bsr_autotune.DEFAULT
     run(config)
     return out
 

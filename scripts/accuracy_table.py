@@ -86,13 +86,25 @@ METHODS = {
     # MLPs alone lose nothing at 80%, so no recovery can show there.
     "block80_mag_all": ("block 80%, 16x16, magnitude, every linear (attention too)", _block("magnitude", 0.8)),
     "block80_dress_all": ("block 80%, 16x16, DRESS scores, every linear (attention too)", _block("scores", 0.8)),
+    # superblock's own protocol: prune a trained dense model (the dense row's run of the same seed) at the level
+    # from the first step, then fine-tune as long as it trained with the schedule restarted; blocks re-picked
+    # every step, by the scores (initialised at the trained blocks' norms) or by magnitude.
+    "block80_mag_trained_all": ("block 80%, 16x16, magnitude, every linear, pruned from the trained dense model + "
+                                "3-epoch fine-tune, LR schedule restarted",
+                                ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                 "prune_schedule=constant")),
+    "block80_dress_trained_all": ("block 80%, 16x16, DRESS scores, every linear, pruned from the trained dense "
+                                  "model + 3-epoch fine-tune, LR schedule restarted",
+                                  ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                   "prune_schedule=constant")),
 }
 # Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
-EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all")
+EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all", "block80_mag_trained_all",
+               "block80_dress_trained_all")
 
 
 # Methods that start from the weights of the dense row's run of the same seed (trained after it).
-FROM_DENSE = ("semi24_prune_trained",)
+FROM_DENSE = ("semi24_prune_trained", "block80_mag_trained_all", "block80_dress_trained_all")
 
 
 def dense_checkpoint(model: str, seed: int, root: Path = RUNS) -> Path:
@@ -168,7 +180,9 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress_all", "block80_mag_all", "magnitude (ste), both on every linear"),
             ("block80_dress_slow", "block80_mag", "magnitude (ste), DRESS scores at 0.1x the learning rate"),
             ("block80_dress_slow_all", "block80_mag_all",
-             "magnitude (ste), both on every linear, DRESS scores at 0.1x the learning rate")):
+             "magnitude (ste), both on every linear, DRESS scores at 0.1x the learning rate"),
+            ("block80_dress_trained_all", "block80_mag_trained_all",
+             "magnitude (ste), both on every linear, pruned from the trained dense model")):
         dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
         if dress_method != "block80_dress" and dress is None and magnitude is None:

@@ -1,0 +1,220 @@
+"""GPU timeline of a few training steps: how long the GPU is busy and idle, and what the host was doing in the gaps.
+
+    python scripts/profile_timeline.py OUTDIR LABEL trainpy -- recipe=vit_l_24 data=synthetic cuda_graph=true ...
+    python scripts/profile_timeline.py OUTDIR LABEL bare semi24|dense graph|eager
+
+`trainpy` runs train.py in this process and records steps 28-32 with torch.profiler (after Throughput's first
+window, steps 6-25, so the images/s it reports are unprofiled); `bare` records the same ViT-L step as
+scripts/bench.py's bare loop (train.py's model, bf16 autocast, fused AdamW, clipping), after 20 unprofiled
+steps whose images/s it prints. The report (OUTDIR/timeline-LABEL.txt) gives per step: GPU busy and idle time
+(idle by gap size), the kernels with the most time, every host sync or copy with its Python caller, and the
+largest gaps with the host frames that launched the next kernel or ran inside the gap.
+
+Python stacks are recorded (with_stack), which slows the host several-fold in the profiled steps: a gap
+there says where host time goes, not how large it is unprofiled. The raw trace stays in OUTDIR/trace-LABEL.json
+(hundreds of MB for a ViT-L step; delete it after reading the report).
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+START, STEPS = 28, 5
+SYNC_CALLS = ("Synchronize", "Memcpy", "memcpy")
+
+
+class Report:
+    def __init__(self, path: Path, label: str):
+        self.file = open(path, "w")
+        self.label = label
+
+    def __call__(self, *parts) -> None:
+        line = " ".join(str(part) for part in parts)
+        print(f"[{self.label}] {line}", flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def _gpu_gaps(gpu: list[dict]) -> tuple[float, list[tuple[float, float, dict]]]:
+    """Busy microseconds (union of kernel/copy intervals) and the gaps between them (start, end, next event)."""
+    busy, gaps = 0.0, []
+    start, end = gpu[0]["ts"], gpu[0]["ts"] + gpu[0]["dur"]
+    for event in gpu[1:]:
+        if event["ts"] > end:
+            busy += end - start
+            gaps.append((end, event["ts"], event))
+            start = event["ts"]
+        end = max(end, event["ts"] + event["dur"])
+    return busy + end - start, gaps
+
+
+def analyze(trace_path: Path, steps: int, wall_s: float, say: Report) -> None:
+    events = json.load(open(trace_path))["traceEvents"]
+    timed = [e for e in events if "dur" in e]
+    gpu = sorted((e for e in timed if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    runtime = [e for e in timed if e.get("cat") == "cuda_runtime"]
+    host = [e for e in timed if e.get("cat") in ("python_function", "cpu_op", "user_annotation")]
+    if not gpu:
+        say("no GPU events in the trace (CPU run?): nothing to analyse")
+        return
+    span = max(e["ts"] + e["dur"] for e in gpu) - gpu[0]["ts"]
+    busy, gaps = _gpu_gaps(gpu)
+    t0 = gpu[0]["ts"]
+    say(f"steps {steps}; wall {wall_s * 1e3 / steps:.2f} ms/step (host clock); GPU span {span / 1e3 / steps:.2f} "
+        f"ms/step, busy {busy / 1e3 / steps:.2f}, idle {(span - busy) / 1e3 / steps:.3f} ms/step "
+        f"({100 * (span - busy) / span:.1f}%)")
+    by_size = Counter()
+    for g0, g1, _ in gaps:
+        d = g1 - g0
+        by_size["<10us" if d < 10 else "10-50us" if d < 50 else "50-200us" if d < 200 else
+                "200us-1ms" if d < 1000 else ">1ms"] += d
+    say("idle by gap size (ms/step):", {size: round(us / 1e3 / steps, 3) for size, us in by_size.items()})
+    per_kernel = defaultdict(float)
+    for event in gpu:
+        per_kernel[event["name"][:90]] += event["dur"]
+    say("top GPU kernels (ms/step):")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+        say(f"   {us / 1e3 / steps:8.3f}  {name}")
+
+    def stack_at(ts: float, depth: int = 7) -> str:
+        enclosing = sorted((p for p in host if p["ts"] <= ts <= p["ts"] + p["dur"]), key=lambda p: p["ts"])
+        return " > ".join(p["name"].split("/")[-1][:70] for p in enclosing[-depth:])
+
+    syncs = [e for e in runtime if any(s in e["name"] for s in SYNC_CALLS)]
+    totals = defaultdict(lambda: [0, 0.0])
+    for event in syncs:
+        entry = totals[(event["name"], stack_at(event["ts"], 4))]
+        entry[0] += 1
+        entry[1] += event["dur"]
+    say("host sync/copy calls (count, host ms total) by caller:")
+    for (name, caller), (count, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:15]:
+        say(f"   {count:4d} {us / 1e3:8.2f} ms  {name}  <- {caller}")
+    launches = {e.get("args", {}).get("correlation"): e for e in runtime}
+    say("largest gaps:")
+    for g0, g1, event in sorted(gaps, key=lambda g: g[0] - g[1])[:12]:
+        say(f" gap {(g1 - g0) / 1e3:.3f} ms at +{(g0 - t0) / 1e3:.2f} ms; next: {event['name'][:60]}")
+        launch = launches.get(event.get("args", {}).get("correlation"))
+        if launch:
+            say(f"    launched at +{(launch['ts'] - t0) / 1e3:.2f} ms by: {stack_at(launch['ts'])}")
+        for sync in [s for s in syncs if g0 - 30 <= s["ts"] + s["dur"] <= g0 + 200][:2]:
+            say(f"    host waited in {sync['name']} ({sync['dur'] / 1e3:.2f} ms) from: {stack_at(sync['ts'])}")
+        inside = sorted((p for p in host if p.get("cat") == "python_function" and p["ts"] >= g0
+                         and p["ts"] + p["dur"] <= g1 and p["dur"] > 0.15 * (g1 - g0)), key=lambda p: -p["dur"])
+        for frame in inside[:4]:
+            say(f"    host ran {frame['dur'] / 1e3:.2f} ms: {frame['name'][:100]}")
+
+
+def _profiler():
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
+
+
+def bare(out: Path, label: str, sparsity: str, mode: str, say: Report) -> None:
+    import torch.nn.functional as F
+
+    from sparsetrain.sparse import Semi24Config, sparsify_
+    from sparsetrain.training.cuda_graphs import GraphedTraining
+    from sparsetrain.training.models import create_model
+    torch.manual_seed(0)
+    model = create_model("vit_large_patch16_224", num_classes=10, img_size=224, drop_path_rate=0.2).cuda().train()
+    if sparsity == "semi24":
+        sparsify_(model, Semi24Config(), include=("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"))
+    if mode == "graph":
+        GraphedTraining(model).install()
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05, fused=True)
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 10, (64,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    for _ in range(START):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    say(f"bare loop {sparsity} {mode}: {64 * 20 / (time.perf_counter() - t):.1f} img/s (20 unprofiled steps)")
+    with _profiler() as prof:
+        t = time.perf_counter()
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    prof.export_chrome_trace(str(out / f"trace-{label}.json"))
+    analyze(out / f"trace-{label}.json", STEPS, wall, say)
+
+
+def trainpy(out: Path, label: str, overrides: list[str], say: Report) -> None:
+    import lightning.pytorch as L
+
+    from sparsetrain.training import app
+
+    class Timeline(L.Callback):
+        def __init__(self):
+            self.prof, self.t = None, 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == START:
+                torch.cuda.synchronize()
+                self.prof = _profiler()
+                self.prof.__enter__()
+                self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.prof is not None and trainer.global_step == START + STEPS:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t
+                self.prof.__exit__(None, None, None)
+                self.prof.export_chrome_trace(str(out / f"trace-{label}.json"))
+                self.prof = None
+                analyze(out / f"trace-{label}.json", STEPS, wall, say)
+
+        def on_train_end(self, trainer, pl_module):
+            throughput = next((c for c in trainer.callbacks if type(c).__name__ == "Throughput"), None)
+            if throughput is not None:
+                say(f"train.py images/s over its unprofiled windows: {throughput.images_per_second}")
+
+    build_callbacks = app.build_callbacks
+    app.build_callbacks = lambda *a, **k: [*build_callbacks(*a, **k), Timeline()]
+    if not any(o.startswith("trainer.max_steps=") for o in overrides):
+        overrides = [*overrides, f"trainer.max_steps={START + STEPS + 1}"]
+    sys.argv = [str(ROOT / "train.py"), *overrides]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            raise
+
+
+def main() -> int:
+    if len(sys.argv) < 4 or sys.argv[3] not in ("trainpy", "bare") or not torch.cuda.is_available():
+        print(__doc__, file=sys.stderr)
+        return 2
+    out, label, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    out.mkdir(parents=True, exist_ok=True)
+    say = Report(out / f"timeline-{label}.txt", label)
+    if mode == "bare":
+        bare(out, label, sys.argv[4], sys.argv[5], say)
+    else:
+        trainpy(out, label, [a for a in sys.argv[4:] if a != "--"], say)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

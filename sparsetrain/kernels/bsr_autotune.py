@@ -1,9 +1,10 @@
 """Kernel configurations of the block-sparse matmuls, tuned per shape on the machine that runs them.
 
 A configuration is (BLOCK_M, num_warps, num_stages) and the kernel: pointer loads, or TMA tensor
-descriptors (sm90; where they cannot compile or address the operands, those candidates drop out). Its key is the operation, the weight's shape,
-the block size, the dtype, the fused epilogue, the rows rounded up to a power of two, the kept
-fraction of blocks rounded to a bucket, the GPU and the Triton version. The first call with a new
+descriptors (sm90; where they cannot compile or address the operands, those candidates drop out). Its
+key is the operation, the weight's shape, the block size, the dtype, the fused epilogue, the rows rounded
+up to a power of two, the kept fraction of blocks rounded to a bucket, the GPU, the Triton version and
+the candidate set. The first call with a new
 key times every candidate on its real operands (`triton.testing.do_bench`, median) and keeps the
 fastest. Choices are kept in memory and in bsr-autotune.json of the cache directory (`sparsetrain.choice_cache`:
 $SPARSETRAIN_CACHE, default ~/.cache/sparsetrain), so a new process starts tuned.

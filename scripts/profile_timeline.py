@@ -1,7 +1,7 @@
 """GPU timeline of a few training steps: how long the GPU is busy and idle, and what the host was doing in the gaps.
 
-    python scripts/profile_timeline.py OUTDIR LABEL trainpy -- recipe=vit_l_24 data=synthetic cuda_graph=true ...
-    python scripts/profile_timeline.py OUTDIR LABEL bare semi24|dense graph|eager
+    python scripts/profile_timeline.py OUTDIR LABEL trainpy [--no-stack] -- recipe=vit_l_24 data=synthetic ...
+    python scripts/profile_timeline.py OUTDIR LABEL bare [--no-stack] semi24|dense graph|eager
 
 `trainpy` runs train.py in this process and records steps 28-32 with torch.profiler (after Throughput's first
 window, steps 6-25, so the images/s it reports are unprofiled); `bare` records the same ViT-L step as
@@ -11,7 +11,8 @@ steps whose images/s it prints. The report (OUTDIR/timeline-LABEL.txt) gives per
 largest gaps with the host frames that launched the next kernel or ran inside the gap.
 
 Python stacks are recorded (with_stack), which slows the host several-fold in the profiled steps: a gap
-there says where host time goes, not how large it is unprofiled. The raw trace stays in OUTDIR/trace-LABEL.json
+there says where host time goes, not how large it is unprofiled. --no-stack records torch ops only: the
+gaps are then close to their unprofiled size, attributed to ops instead of Python frames. The raw trace stays in OUTDIR/trace-LABEL.json
 (hundreds of MB for a ViT-L step; delete it after reading the report).
 """
 from __future__ import annotations
@@ -114,8 +115,11 @@ def analyze(trace_path: Path, steps: int, wall_s: float, say: Report) -> None:
             say(f"    host ran {frame['dur'] / 1e3:.2f} ms: {frame['name'][:100]}")
 
 
+WITH_STACK = True  # --no-stack turns it off
+
+
 def _profiler():
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=WITH_STACK)
 
 
 def bare(out: Path, label: str, sparsity: str, mode: str, say: Report) -> None:
@@ -203,16 +207,19 @@ def trainpy(out: Path, label: str, overrides: list[str], say: Report) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) < 4 or sys.argv[3] not in ("trainpy", "bare") or not torch.cuda.is_available():
+    global WITH_STACK
+    args = [a for a in sys.argv[1:] if a not in ("--", "--no-stack")]
+    WITH_STACK = "--no-stack" not in sys.argv
+    if len(args) < 3 or args[2] not in ("trainpy", "bare") or not torch.cuda.is_available():
         print(__doc__, file=sys.stderr)
         return 2
-    out, label, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    out, label, mode = Path(args[0]), args[1], args[2]
     out.mkdir(parents=True, exist_ok=True)
     say = Report(out / f"timeline-{label}.txt", label)
     if mode == "bare":
-        bare(out, label, sys.argv[4], sys.argv[5], say)
+        bare(out, label, args[3], args[4], say)
     else:
-        trainpy(out, label, [a for a in sys.argv[4:] if a != "--"], say)
+        trainpy(out, label, args[3:], say)
     return 0
 
 

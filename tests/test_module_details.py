@@ -61,3 +61,21 @@ def test_an_unknown_schedule_name_fails_at_step_0_even_inside_the_warm_up():
     with pytest.raises(ValueError, match=r"unknown sched.name 'linear'.*\['cosine', 'constant'\]"):
         lr_multiplier(0, total_steps=100, name="linear", warmup_steps=10)
     assert lr_multiplier(0, total_steps=100, name="cosine", warmup_steps=10) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_training_values_reach_the_progress_bar_only_when_one_is_shown(bar, tmp_path):
+    """Lightning converts progress-bar values to Python numbers after every batch (a host sync each step on a
+    GPU): a run without a bar must not log any there."""
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,))), batch_size=4)
+    module = SparseClassifier(nn.Linear(8, 3), num_classes=3,
+                              optimizer=functools.partial(torch.optim.SGD, lr=0.1), sched={"name": "constant"})
+    trainer = L.Trainer(max_steps=2, enable_progress_bar=bar, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, data)
+    shown = {"train/loss", "train/acc"} & set(trainer.progress_bar_metrics)
+    assert shown == ({"train/loss", "train/acc"} if bar else set())

@@ -20,6 +20,11 @@
 #                                   stages 1-3 in one call, most wanted first (GPU tests, train.py eager vs
 #                                   cuda_graph, the fused block MLP, bench b-d,f,g), each capped so the whole
 #                                   ends within SECONDS (default 570): what a start-starved session can afford.
+#   bash scripts/gpu_pending.sh trainpy [SECONDS]
+#                                   issue #5's last row after the progress-bar change (train/loss and train/acc no
+#                                   longer synced each step without a bar): bench i, 2:4 and dense, cuda_graph and
+#                                   eager; then a timeline of the 2:4 step without Python stacks, to see what
+#                                   idle is left (scripts/profile_timeline.py).
 #   bash scripts/gpu_pending.sh graphs [SECONDS]
 #                                   what decides `cuda_graph`'s default: every GPU test (graphed training vs eager
 #                                   among them; capped at 250 s), then train.py 2:4 eager vs cuda_graph; then
@@ -32,7 +37,7 @@ export PYTHONUNBUFFERED=1 SPARSETRAIN_CACHE=/tmp/sparsetrain-cache
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'cusparselt', torch.backends.cusparselt.version(), 'triton', triton.__version__)" | tee "$OUT/env.txt"
 
-budget=${2:-}; [ -z "$budget" ] && case "${1:-1}" in all|graphs) budget=570 ;; *) budget=100000 ;; esac
+budget=${2:-}; [ -z "$budget" ] && case "${1:-1}" in all|graphs|trainpy) budget=570 ;; *) budget=100000 ;; esac
 deadline=$(( $(date +%s) + budget ))  # stage `all` shares one call's limit between its steps
 capped() {  # seconds: the smaller of this step's own limit and what is left before the deadline
   local left=$(( deadline - $(date +%s) - 5 )); echo $(( left < $1 ? left : $1 ))
@@ -68,6 +73,14 @@ case "${1:-1}" in
        bench b,c,d,f,g 200 --quick
        # At most 8 files come back from a call: the bench logs and reports travel as one archive.
        (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;
+  trainpy) bench i 360 "--train-modes cuda-graph,eager"
+           timed_step "timeline train.py 2:4, cuda_graph, no stacks" 150 "$OUT/timeline.log" 30 \
+             python3 scripts/profile_timeline.py /tmp/timeline semi24-graph trainpy --no-stack -- recipe=vit_l_24 \
+             sparsity=semi24 data=synthetic data.batch_size=64 data.train_size=2560 data.num_workers=6 \
+             trainer.limit_val_batches=1 trainer.enable_progress_bar=false logger=csv paths.root=/tmp/timeline-runs \
+             cuda_graph=true
+           cp /tmp/timeline/timeline-*.txt "$OUT/" 2>/dev/null
+           (cd "$OUT" && tar -czf bench.tgz bench-* && rm -rf bench-*) ;;
   graphs) gpu_tests 250
           bench i 300 "--quick --train-modes eager,cuda-graph"
           bench_block_mlp
@@ -86,5 +99,5 @@ case "${1:-1}" in
   5) mkdir -p /usr/share/datasets && cp -r data/fashion-mnist /usr/share/datasets/
      bash scripts/gpu_accuracy.sh 0 540 none --model resnet --jobs 10 \
        --only dense,block80_gmp,block90_mag,block90_dress ;;
-  *) echo "usage: bash scripts/gpu_pending.sh all|graphs [SECONDS] | 1|2|3|4|5" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_pending.sh all|graphs|trainpy [SECONDS] | 1|2|3|4|5" >&2; exit 2 ;;
 esac

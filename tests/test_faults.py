@@ -219,6 +219,18 @@ def test_nonfinite_skip_drops_the_step_and_training_goes_on(tmp_path, monkeypatc
     assert any(r.get("train/skipped_steps") == "1.0" for r in rows)
 
 
+def test_nonfinite_skip_under_accumulation_drops_the_whole_optimizer_step(tmp_path, monkeypatch, caplog):
+    """The NaN micro-batch's backward runs (the check waits for the optimizer step), so its gradients are in the
+    accumulated sum: the step must drop them all, or every weight would turn NaN."""
+    with_callback(monkeypatch, PoisonOnce(step=1))
+    cfg = [*DENSE, "trainer.max_steps=3", "nonfinite=skip", "+trainer.accumulate_grad_batches=2"]
+    summary = train(compose_cfg(cfg, tmp_path))
+    assert summary["global_step"] == 3 and summary["skipped_steps"] == 1
+    assert "step 1: loss is nan, step skipped (nonfinite=skip)" in caplog.text
+    state = load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
 def test_nonfinite_stop_checkpoints_then_names_the_step_and_the_first_bad_layer(tmp_path, monkeypatch, capsys):
     with_callback(monkeypatch, PoisonOnce(step=3, layer="blocks.1.mlp.fc1"))
     cfg = [*DENSE, "trainer.max_steps=6", "nonfinite=stop", "callbacks.checkpoint.every_n_train_steps=1"]

@@ -31,10 +31,14 @@ class SparsityScheduler(L.Callback):
         self.schedule = schedule
         self.log_every = max(1, int(log_every))
         self._model = None
+        self._layers = []  # found once at fit start: walking a ViT-L's modules each step costs ~0.3 ms of host time
         self._last_logs, self._last_logs_epoch, self._restored_logs = {}, None, None
 
     def setup(self, trainer, pl_module, stage):
         self._model = pl_module.model
+
+    def on_fit_start(self, trainer, pl_module):
+        self._layers = [module for _, module in sparse_modules(pl_module.model)]
 
     # A resumed run logs exactly what an uninterrupted one does: flips since the last log sit in a
     # non-persistent buffer, and Lightning repeats the last logged values in every later row of the epoch from
@@ -55,7 +59,7 @@ class SparsityScheduler(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         phase = self.schedule.phase(step)
-        for _, module in sparse_modules(pl_module.model):
+        for module in self._layers:
             module.apply_phase(phase, step)
         pl_module.log("sparsity/phase", device_scalar(PHASE_CODES[phase.name], pl_module.device))
         pl_module.log("sparsity/level", device_scalar(phase.level, pl_module.device))

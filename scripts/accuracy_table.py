@@ -89,12 +89,12 @@ METHODS = {
     # superblock's own protocol: prune a trained dense model (the dense row's run of the same seed) at the level
     # from the first step, then fine-tune as long as it trained with the schedule restarted; blocks re-picked
     # every step, by the scores (initialised at the trained blocks' norms) or by magnitude.
-    "block80_mag_trained_all": ("block 80%, 16x16, magnitude, every linear, pruned from the trained dense model + "
-                                "3-epoch fine-tune, LR schedule restarted",
+    "block80_mag_trained_all": ("block 80%, 16x16, magnitude, every linear and 1x1 conv, pruned from the trained "
+                                "dense model + 3-epoch fine-tune, LR schedule restarted",
                                 ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
                                  "prune_schedule=constant")),
-    "block80_dress_trained_all": ("block 80%, 16x16, DRESS scores, every linear, pruned from the trained dense "
-                                  "model + 3-epoch fine-tune, LR schedule restarted",
+    "block80_dress_trained_all": ("block 80%, 16x16, DRESS scores, every linear and 1x1 conv, pruned from the "
+                                  "trained dense model + 3-epoch fine-tune, LR schedule restarted",
                                   ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
                                    "prune_schedule=constant")),
 }
@@ -182,7 +182,7 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress_slow_all", "block80_mag_all",
              "magnitude (ste), both on every linear, DRESS scores at 0.1x the learning rate"),
             ("block80_dress_trained_all", "block80_mag_trained_all",
-             "magnitude (ste), both on every linear, pruned from the trained dense model")):
+             "magnitude (ste), both on every linear and 1x1 conv, pruned from the trained dense model")):
         dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
         if dress_method != "block80_dress" and dress is None and magnitude is None:

@@ -36,7 +36,7 @@ CHURN_WARNING = 2 * MAX_GRAPHS  # captures after which the run is told that grap
 
 def graph_key(layers: list, x: Tensor) -> tuple:
     """What a captured forward depends on besides tensor contents. `layers`: the model's sparse layers
-    (found once: walking a ViT-L's modules every step costs the host ~1 ms)."""
+    (found once: walking a ViT-L's modules every step costs the host ~0.3 ms)."""
     layers = tuple((layer._active, layer._frozen, layer.level, layer.fuse_gelu) for layer in layers)
     autocast = torch.is_autocast_enabled(x.device.type)
     return (tuple(x.shape), x.dtype, x.device, autocast, torch.get_autocast_dtype(x.device.type) if autocast else None,

@@ -8,6 +8,8 @@ import logging
 from typing import Callable, Optional, Sequence
 
 import lightning.pytorch as L
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,13 +109,12 @@ class SparseClassifier(L.LightningModule):
         itself (fused AdamW, optim/adamw.yaml's default), guarding GradScaler's fp16 unscaling. bf16-mixed
         has no scaler, so the gradients are the true ones and clipping them here is exact.
         """
-        no_scaler = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        plugin = self.trainer.precision_plugin
+        no_scaler = getattr(plugin, "scaler", None) is None
         if gradient_clip_val and no_scaler and getattr(optimizer, "_step_supports_amp_scaling", False):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)) == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            # The base plugin's clipping (norm or value over the optimizer's parameters), without the refusal.
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

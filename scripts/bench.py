@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -696,10 +697,11 @@ TRAIN_PY_STEPS = 45  # train.py's Throughput: 5 warm-up steps, then two windows 
 TRAIN_PY_WORKERS = 6  # synthetic images are drawn on the CPU; 6 loader workers keep up with a ViT-L step
 
 
-def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph: bool = False) -> float:
+def bare_vit_l_step(sparsity: str, compile_mode: str | None = None, cuda_graph: bool = False) -> Callable[[], None]:
     """train.py's vit_l_24 step without Lightning: the same model, sparsity, bf16 autocast over fp32
-    weights (without its cache, as Lightning runs it), AdamW, grad-norm clipping and label smoothing, on one
-    batch that stays on the GPU; cuda_graph: forward+backward through GraphedTraining, as train.py's option."""
+    weights (without its cache, as Lightning runs it), fused AdamW (optim/adamw.yaml's), grad-norm clipping and
+    label smoothing, on one batch that stays on the GPU; cuda_graph: forward+backward through GraphedTraining,
+    as train.py's option. Returns the step; the model and optimizer live as long as it does."""
     from sparsetrain.sparse import Semi24Config, sparsify_
     from sparsetrain.training.compile import compile_in_place
     from sparsetrain.training.cuda_graphs import GraphedTraining
@@ -712,7 +714,7 @@ def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph:
         compile_in_place(model, compile_mode, "cuda", torch.bfloat16)
     if cuda_graph:
         GraphedTraining(model).install()
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05, fused=True)  # optim/adamw.yaml's
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05, fused=True)
     images = torch.randn(64, 3, 224, 224, device="cuda")
     labels = torch.randint(0, 10, (64,), device="cuda")
 
@@ -724,6 +726,12 @@ def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    return step
+
+
+def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph: bool = False) -> float:
+    """Images/s of `bare_vit_l_step` over train.py's throughput window (5 warm-up steps, then the rest)."""
+    step = bare_vit_l_step(sparsity, compile_mode, cuda_graph)
     try:
         for _ in range(5):
             step()
@@ -734,7 +742,7 @@ def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph:
         torch.cuda.synchronize()
         return 64 * (TRAIN_PY_STEPS - 5) / (time.perf_counter() - start)
     finally:
-        del model, opt
+        del step
         torch.cuda.empty_cache()
 
 

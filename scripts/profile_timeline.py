@@ -4,16 +4,16 @@
     python scripts/profile_timeline.py OUTDIR LABEL bare [--no-stack] semi24|dense graph|eager
 
 `trainpy` runs train.py in this process and records steps 28-32 with torch.profiler (after Throughput's first
-window, steps 6-25, so the images/s it reports are unprofiled); `bare` records the same ViT-L step as
-scripts/bench.py's bare loop (train.py's model, bf16 autocast, fused AdamW, clipping), after 20 unprofiled
+window, steps 6-25, so the images/s it reports are unprofiled); `bare` records scripts/bench.py's bare loop
+step (`bare_vit_l_step`: train.py's model, bf16 autocast, fused AdamW, clipping), after 20 unprofiled
 steps whose images/s it prints. The report (OUTDIR/timeline-LABEL.txt) gives per step: GPU busy and idle time
 (idle by gap size), the kernels with the most time, every host sync or copy with its Python caller, and the
 largest gaps with the host frames that launched the next kernel or ran inside the gap.
 
 Python stacks are recorded (with_stack), which slows the host several-fold in the profiled steps: a gap
 there says where host time goes, not how large it is unprofiled. --no-stack records torch ops only: the
-gaps are then close to their unprofiled size, attributed to ops instead of Python frames. The raw trace stays in OUTDIR/trace-LABEL.json
-(hundreds of MB for a ViT-L step; delete it after reading the report).
+gaps are then close to their unprofiled size, attributed to ops instead of Python frames. The raw trace
+stays in OUTDIR/trace-LABEL.json (hundreds of MB for a ViT-L step; delete it after reading the report).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench.py's bare loop
 
 START, STEPS = 28, 5
 SYNC_CALLS = ("Synchronize", "Memcpy", "memcpy")
@@ -123,29 +124,8 @@ def _profiler():
 
 
 def bare(out: Path, label: str, sparsity: str, mode: str, say: Report) -> None:
-    import torch.nn.functional as F
-
-    from sparsetrain.sparse import Semi24Config, sparsify_
-    from sparsetrain.training.cuda_graphs import GraphedTraining
-    from sparsetrain.training.models import create_model
-    torch.manual_seed(0)
-    model = create_model("vit_large_patch16_224", num_classes=10, img_size=224, drop_path_rate=0.2).cuda().train()
-    if sparsity == "semi24":
-        sparsify_(model, Semi24Config(), include=("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"))
-    if mode == "graph":
-        GraphedTraining(model).install()
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05, fused=True)
-    images = torch.randn(64, 3, 224, 224, device="cuda")
-    labels = torch.randint(0, 10, (64,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    from bench import bare_vit_l_step
+    step = bare_vit_l_step(sparsity, cuda_graph=mode == "graph")
     for _ in range(START):
         step()
     torch.cuda.synchronize()

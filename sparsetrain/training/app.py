@@ -19,6 +19,7 @@ from sparsetrain.sparse.config import BlockConfig, config_from_dict
 from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, sparsify_
+from sparsetrain.training.bn_recalibration import BatchNormRecalibration
 from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, Throughput,
                                             WandbRunInfo, merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
@@ -292,6 +293,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         callbacks.append(CudaGraphSteps(required=cfg.cuda_graph is True))
     if cfg.sparsity.get("masked_decay"):
         callbacks.append(MaskedDecay(cfg.sparsity.masked_decay))
+    if ccfg.bn_recalibration_batches:
+        callbacks.append(BatchNormRecalibration(ccfg.bn_recalibration_batches))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar() if _is_terminal() else TQDMProgressBar(refresh_rate=50))
     return callbacks

@@ -55,7 +55,7 @@ class LatestCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if _is_final_step(trainer) and self._last_global_step_saved != trainer.global_step:
+        if is_final_step(trainer) and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module):
@@ -64,7 +64,7 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def _is_final_step(trainer) -> bool:
+def is_final_step(trainer) -> bool:
     if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
         return True
     last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs

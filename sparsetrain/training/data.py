@@ -50,8 +50,9 @@ FASHION_MNIST_FILES = (
 )
 # ImageNet evaluation resizes the short side to 256 for a 224 center crop; keep that ratio at any size.
 EVAL_CROP_FRACTION = 224 / 256
-# Independent random streams of one seed: synthetic prototypes, train and val samples, augmentation.
-PROTOTYPE_STREAM, TRAIN_STREAM, VAL_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
+# Independent random streams of one seed: synthetic prototypes, train and val samples, augmentation, and the
+# BatchNorm calibration batches (which images, and their augmentation).
+PROTOTYPE_STREAM, TRAIN_STREAM, VAL_STREAM, AUGMENT_STREAM, CALIBRATION_STREAM = 0, 1, 2, 3, 4
 
 
 log = logging.getLogger("sparsetrain")
@@ -157,9 +158,9 @@ class ResumableDataLoader(DataLoader):
         self.sampler.skip(int(state["epoch"]), seen // self.sampler.num_replicas)
 
 
-def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+def augmentation_seed(seed: int, epoch: int, index: int, stream: int = AUGMENT_STREAM) -> int:
     """The RNG seed for one sample's augmentation in one epoch (63 bits, hashed by numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([seed, AUGMENT_STREAM, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, stream, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class SeededAugmentation(Dataset):
@@ -170,9 +171,10 @@ class SeededAugmentation(Dataset):
     integer key uses the global RNG, as the wrapped dataset would.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, stream: int = AUGMENT_STREAM) -> None:
         self.dataset = dataset
         self.seed = seed
+        self.stream = stream
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -182,7 +184,7 @@ class SeededAugmentation(Dataset):
             return self.dataset[key]
         index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(augmentation_seed(self.seed, epoch, index))
+            torch.manual_seed(augmentation_seed(self.seed, epoch, index, self.stream))
             return self.dataset[index]
 
 
@@ -243,6 +245,19 @@ class _ImageClassificationDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
+
+    def calibration_dataloader(self, num_batches: int) -> DataLoader:
+        """The same `num_batches` training batches at every call (fewer if the training set is smaller): a
+        seeded choice of images, augmented as in training under seeds of their own. Neither the choice nor
+        the loader's workers draw from the global RNG, so using it leaves a run's training draws unchanged."""
+        count = min(num_batches * self.batch_size, len(self.train_set))
+        order = sample_rng(self.seed, CALIBRATION_STREAM, 0).permutation(len(self.train_set))[:count].tolist()
+        if self.augment:
+            dataset, keys = SeededAugmentation(self.train_set, self.seed, CALIBRATION_STREAM), [(i, 0) for i in order]
+        else:
+            dataset, keys = self.train_set, order
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=keys, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
 
     def describe(self) -> str:
         if self.train_set is None:

@@ -64,7 +64,7 @@ def recalibrate_batchnorm(model: nn.Module, images: Iterable[torch.Tensor]) -> i
 
 
 class BatchNormRecalibration(L.Callback):
-    """Before each validation of a fit and before the final step's checkpoint, re-estimates the BatchNorm
+    """Before each validation of a fit and before the final checkpoint, re-estimates the BatchNorm
     statistics of a sparse network on `batches` fixed training batches (the datamodule's
     `calibration_dataloader`), under the run's precision. Idle, with the reason logged, for networks without
     BatchNorm or without sparse layers (their running statistics follow fixed weights)."""
@@ -92,6 +92,10 @@ class BatchNormRecalibration(L.Callback):
         # Lightning runs checkpoint callbacks after all others, so last.ckpt of the final step holds these.
         if is_final_step(trainer):
             self._recalibrate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        # A fit stopped early (max_time, early stopping): LatestCheckpoint saves here too, after this.
+        self._recalibrate(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:

@@ -101,6 +101,22 @@ def test_fashion_mnist_augmentation_only_on_train_and_switchable(fashion_cache):
 
 
 @needs_debian_files
+def test_calibration_batches_are_fixed_augmented_and_leave_the_global_rng_alone(fashion_cache):
+    data = FashionMNISTDataModule(subset=64, num_workers=0, batch_size=8, cache_dir=str(fashion_cache))
+    data.setup("fit")
+    state = torch.get_rng_state()
+    first = [x for x, _ in data.calibration_dataloader(3)]
+    second = [x for x, _ in data.calibration_dataloader(3)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, second))
+    # augmented as in training, under its own seeds: not the plain images of the same indices
+    plain = FashionMNISTDataModule(subset=64, num_workers=0, batch_size=8, augment=False, cache_dir=str(fashion_cache))
+    plain.setup("fit")
+    assert not torch.equal(torch.cat(first), torch.cat([x for x, _ in plain.calibration_dataloader(3)]))
+    assert len(list(plain.calibration_dataloader(100))) == 8  # capped at the 64 training images
+
+
+@needs_debian_files
 def test_fashion_mnist_val_fraction_holds_out_part_of_train(fashion_cache):
     data = FashionMNISTDataModule(
         val_fraction=0.1, subset=500, num_workers=0, batch_size=50, cache_dir=str(fashion_cache)

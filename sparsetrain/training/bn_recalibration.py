@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
-import lightning as L
+import lightning.pytorch as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn

@@ -256,8 +256,7 @@ class _ImageClassificationDataModule(LightningDataModule):
             dataset, keys = SeededAugmentation(self.train_set, self.seed, CALIBRATION_STREAM), [(i, 0) for i in order]
         else:
             dataset, keys = self.train_set, order
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=keys, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
+        return self._loader(dataset, sampler=keys)
 
     def describe(self) -> str:
         if self.train_set is None:

@@ -76,6 +76,12 @@ METHODS = {
     "block80_dress_masked": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask)",
                              (*_block("scores", 0.8), "sparsity.grad_mode=masked")),
     "block90_dress": ("block 90%, 16x16, DRESS scores", _block("scores", 0.9)),
+    # The 2026-11-25 H100 grid's schedule (blocks re-picked every 50 steps, the gradual schedule's default then),
+    # kept to re-run those rows with the BatchNorm statistics re-estimated.
+    "block80_mag_every50": ("block 80%, 16x16, magnitude, blocks re-picked every 50 steps",
+                            (*_block("magnitude", 0.8), "prune_schedule.update_every=50")),
+    "block80_dress_every50": ("block 80%, 16x16, DRESS scores, blocks re-picked every 50 steps",
+                              (*_block("scores", 0.8), "prune_schedule.update_every=50")),
     # Scores that move 10x slower than the weights: fewer blocks swap per step, which a network whose layers
     # feed BatchNorm (the ResNet) may need while the blocks are re-picked every step.
     "block80_dress_slow": ("block 80%, 16x16, DRESS scores at 0.1x the learning rate",
@@ -86,6 +92,12 @@ METHODS = {
     # MLPs alone lose nothing at 80%, so no recovery can show there.
     "block80_mag_all": ("block 80%, 16x16, magnitude, every linear (attention too)", _block("magnitude", 0.8)),
     "block80_dress_all": ("block 80%, 16x16, DRESS scores, every linear (attention too)", _block("scores", 0.8)),
+    # The same scope with pruned weights frozen: GMP can never bring a block back, DRESS only through its scores.
+    "block80_gmp_all": ("block 80%, 16x16, magnitude, masked gradients (GMP), every linear (attention too)",
+                        (*_block("magnitude", 0.8), "sparsity.grad_mode=masked")),
+    "block80_dress_masked_all": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask), "
+                                 "every linear (attention too)",
+                                 (*_block("scores", 0.8), "sparsity.grad_mode=masked")),
     # superblock's own protocol: prune a trained dense model (the dense row's run of the same seed) at the level
     # from the first step, then fine-tune as long as it trained with the schedule restarted; blocks re-picked
     # every step, by the scores (initialised at the trained blocks' norms) or by magnitude.
@@ -97,14 +109,29 @@ METHODS = {
                                   "trained dense model + 3-epoch fine-tune, LR schedule restarted",
                                   ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
                                    "prune_schedule=constant")),
+    # The same protocol with pruned weights frozen. Magnitude: the trained model pruned once by block norm and
+    # fine-tuned with that mask (a pruned block ranks below every kept one). DRESS: superblock exactly (`w *
+    # subnet`), the scores start at the trained blocks' norms and are the only way a pruned block returns.
+    "block80_gmp_trained_all": ("block 80%, 16x16, magnitude, masked gradients (one-shot, mask fixed), every linear "
+                                "and 1x1 conv, pruned from the trained dense model + 3-epoch fine-tune, LR schedule "
+                                "restarted",
+                                ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                 "prune_schedule=constant", "sparsity.grad_mode=masked")),
+    "block80_dress_masked_trained_all": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * "
+                                         "mask), every linear and 1x1 conv, pruned from the trained dense model + "
+                                         "3-epoch fine-tune, LR schedule restarted",
+                                         ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                          "prune_schedule=constant", "sparsity.grad_mode=masked")),
 }
 # Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
-EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all", "block80_mag_trained_all",
-               "block80_dress_trained_all")
+EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all", "block80_gmp_all",
+               "block80_dress_masked_all", "block80_mag_trained_all", "block80_dress_trained_all",
+               "block80_gmp_trained_all", "block80_dress_masked_trained_all")
 
 
 # Methods that start from the weights of the dense row's run of the same seed (trained after it).
-FROM_DENSE = ("semi24_prune_trained", "block80_mag_trained_all", "block80_dress_trained_all")
+FROM_DENSE = ("semi24_prune_trained", "block80_mag_trained_all", "block80_dress_trained_all",
+              "block80_gmp_trained_all", "block80_dress_masked_trained_all")
 
 
 def dense_checkpoint(model: str, seed: int, root: Path = RUNS) -> Path:
@@ -181,8 +208,15 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress_slow", "block80_mag", "magnitude (ste), DRESS scores at 0.1x the learning rate"),
             ("block80_dress_slow_all", "block80_mag_all",
              "magnitude (ste), both on every linear, DRESS scores at 0.1x the learning rate"),
+            ("block80_dress_masked", "block80_gmp", "magnitude (masked, GMP), both with pruned weights frozen"),
+            ("block80_dress_every50", "block80_mag_every50", "magnitude (ste), both re-picked every 50 steps"),
+            ("block80_dress_masked_all", "block80_gmp_all",
+             "magnitude (masked, GMP), both on every linear with pruned weights frozen"),
             ("block80_dress_trained_all", "block80_mag_trained_all",
-             "magnitude (ste), both on every linear and 1x1 conv, pruned from the trained dense model")):
+             "magnitude (ste), both on every linear and 1x1 conv, pruned from the trained dense model"),
+            ("block80_dress_masked_trained_all", "block80_gmp_trained_all",
+             "magnitude (one-shot, mask fixed), both with pruned weights frozen, on every linear and 1x1 conv, "
+             "pruned from the trained dense model")):
         dress = _stats(model, dress_method, root)
         magnitude = _stats(model, baseline, root)
         if dress_method != "block80_dress" and dress is None and magnitude is None:

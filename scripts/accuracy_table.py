@@ -29,12 +29,12 @@ BLOCK_SCOPE = {"vit": ("sparsity.include=[blocks.*.mlp.*]",), "resnet": ()}
 # held-out data (results/block-recipe-study.md), with the blocks re-picked every step: DRESS as specified
 # (each step the scores above the level's percentile pick the blocks, and the STE trains the scores), and
 # magnitude on the same cadence.
-BLOCK_SCHEDULE = ("prune_schedule=gradual", "prune_schedule.update_every=1")
 
 
-def _block(criterion: str, level: float) -> tuple[str, ...]:
+def _block(criterion: str, level: float, update_every: int = 1) -> tuple[str, ...]:
     sparsity = "dress" if criterion == "scores" else "block"
-    return (f"sparsity={sparsity}", "sparsity.block_size=16", f"sparsity.sparsity={level}", *BLOCK_SCHEDULE)
+    return (f"sparsity={sparsity}", "sparsity.block_size=16", f"sparsity.sparsity={level}",
+            "prune_schedule=gradual", f"prune_schedule.update_every={update_every}")
 
 
 # method -> (label, overrides on top of the model's recipe)
@@ -79,9 +79,9 @@ METHODS = {
     # The 2026-11-25 H100 grid's schedule (blocks re-picked every 50 steps, the gradual schedule's default then),
     # kept to re-run those rows with the BatchNorm statistics re-estimated.
     "block80_mag_every50": ("block 80%, 16x16, magnitude, blocks re-picked every 50 steps",
-                            (*_block("magnitude", 0.8), "prune_schedule.update_every=50")),
+                            _block("magnitude", 0.8, update_every=50)),
     "block80_dress_every50": ("block 80%, 16x16, DRESS scores, blocks re-picked every 50 steps",
-                              (*_block("scores", 0.8), "prune_schedule.update_every=50")),
+                              _block("scores", 0.8, update_every=50)),
     # Scores that move 10x slower than the weights: fewer blocks swap per step, which a network whose layers
     # feed BatchNorm (the ResNet) may need while the blocks are re-picked every step.
     "block80_dress_slow": ("block 80%, 16x16, DRESS scores at 0.1x the learning rate",

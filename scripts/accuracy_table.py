@@ -122,6 +122,23 @@ METHODS = {
                                          "3-epoch fine-tune, LR schedule restarted",
                                          ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
                                           "prune_schedule=constant", "sparsity.grad_mode=masked")),
+    # superblock's protocol on the block scope of the other rows (the ViT's MLPs, every 1x1 conv of the ResNet).
+    "block80_mag_trained": ("block 80%, 16x16, magnitude, pruned from the trained dense model + 3-epoch fine-tune, "
+                            "LR schedule restarted",
+                            ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                             "prune_schedule=constant")),
+    "block80_dress_trained": ("block 80%, 16x16, DRESS scores, pruned from the trained dense model + 3-epoch "
+                              "fine-tune, LR schedule restarted",
+                              ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                               "prune_schedule=constant")),
+    "block80_gmp_trained": ("block 80%, 16x16, magnitude, masked gradients (one-shot, mask fixed), pruned from the "
+                            "trained dense model + 3-epoch fine-tune, LR schedule restarted",
+                            ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                             "prune_schedule=constant", "sparsity.grad_mode=masked")),
+    "block80_dress_masked_trained": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask), "
+                                     "pruned from the trained dense model + 3-epoch fine-tune, LR schedule restarted",
+                                     ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                      "prune_schedule=constant", "sparsity.grad_mode=masked")),
 }
 # Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
 EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all", "block80_gmp_all",
@@ -131,7 +148,8 @@ EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all",
 
 # Methods that start from the weights of the dense row's run of the same seed (trained after it).
 FROM_DENSE = ("semi24_prune_trained", "block80_mag_trained_all", "block80_dress_trained_all",
-              "block80_gmp_trained_all", "block80_dress_masked_trained_all")
+              "block80_gmp_trained_all", "block80_dress_masked_trained_all", "block80_mag_trained",
+              "block80_dress_trained", "block80_gmp_trained", "block80_dress_masked_trained")
 
 
 def dense_checkpoint(model: str, seed: int, root: Path = RUNS) -> Path:
@@ -212,6 +230,9 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress_every50", "block80_mag_every50", "magnitude (ste), both re-picked every 50 steps"),
             ("block80_dress_masked_all", "block80_gmp_all",
              "magnitude (masked, GMP), both on every linear with pruned weights frozen"),
+            ("block80_dress_trained", "block80_mag_trained", "magnitude (ste), both pruned from the trained dense model"),
+            ("block80_dress_masked_trained", "block80_gmp_trained",
+             "magnitude (one-shot, mask fixed), both with pruned weights frozen, pruned from the trained dense model"),
             ("block80_dress_trained_all", "block80_mag_trained_all",
              "magnitude (ste), both on every linear and 1x1 conv, pruned from the trained dense model"),
             ("block80_dress_masked_trained_all", "block80_gmp_trained_all",

@@ -82,6 +82,10 @@ METHODS = {
                             _block("magnitude", 0.8, update_every=50)),
     "block80_dress_every50": ("block 80%, 16x16, DRESS scores, blocks re-picked every 50 steps",
                               _block("scores", 0.8, update_every=50)),
+    "block90_mag_every50": ("block 90%, 16x16, magnitude, blocks re-picked every 50 steps",
+                            _block("magnitude", 0.9, update_every=50)),
+    "block90_dress_every50": ("block 90%, 16x16, DRESS scores, blocks re-picked every 50 steps",
+                              _block("scores", 0.9, update_every=50)),
     # Scores that move 10x slower than the weights: fewer blocks swap per step, which a network whose layers
     # feed BatchNorm (the ResNet) may need while the blocks are re-picked every step.
     "block80_dress_slow": ("block 80%, 16x16, DRESS scores at 0.1x the learning rate",

@@ -1,4 +1,4 @@
-"""Train the accuracy-table grid on Fashion-MNIST and write results/accuracy.md from each run's summary.json.
+"""Train the accuracy-table grid on Fashion-MNIST and write its table from each run's summary.json.
 
     python scripts/accuracy_table.py --model vit resnet --seeds 0 1 --jobs 8   # the whole grid
     python scripts/accuracy_table.py --model vit --only dense,semi24 --extra trainer.max_epochs=1
@@ -8,6 +8,10 @@ Runs that already have a summary.json are not trained again (scripts/grid_runs.p
 be filled over several sessions. Every row names the exact command that produced it. Validation is
 the 10k t10k test split; the block-sparsity schedule was chosen beforehand on a held-out part of the
 training split (scripts/block_recipe_study.py), never on t10k.
+
+The table goes to runs/accuracy/accuracy.md, beside the runs it reads. results/accuracy.md is the committed
+record: tables of several devices and sessions with their analysis, assembled by hand from these tables, so the
+script never writes it unless told to (--out).
 """
 from __future__ import annotations
 
@@ -301,7 +305,7 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="more train.py overrides for every run")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once")
     parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "results" / "accuracy.md"))
+    parser.add_argument("--out", default=str(RUNS / "accuracy.md"))
     parser.add_argument("--notes", default=str(ROOT / "results" / "accuracy-notes.md"),
                         help="notes on how the runs were made, appended to the table when the file exists")
     args = parser.parse_args(argv)

@@ -24,5 +24,5 @@ if [ "$study_s" -gt 0 ]; then
 fi
 wait
 echo "=== done $(date +%T)"
-cp results/*.md "$OUT/" 2>/dev/null
+cp results/block-recipe-study.md runs/accuracy/accuracy.md "$OUT/" 2>/dev/null
 tar --exclude='*.ckpt' --exclude='masks' -czf "$OUT/runs.tgz" runs

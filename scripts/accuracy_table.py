@@ -147,17 +147,46 @@ METHODS = {
                                      "pruned from the trained dense model + 3-epoch fine-tune, LR schedule restarted",
                                      ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
                                       "prune_schedule=constant", "sparsity.grad_mode=masked")),
+    # superblock's own score init (uniform in [0, 1): the first mask is random) with its `w * mask` layers.
+    "block80_dress_superblock_all": ("block 80%, 16x16, DRESS scores drawn uniform (superblock's init), pruned weights "
+                                     "frozen (superblock's w * mask), every linear (attention too)",
+                                     (*_block("scores", 0.8), "sparsity.score_init=uniform",
+                                      "sparsity.grad_mode=masked")),
+    "block80_dress_superblock_trained_all": ("block 80%, 16x16, DRESS scores drawn uniform (superblock's init), pruned "
+                                             "weights frozen (superblock's w * mask), every linear and 1x1 conv, "
+                                             "pruned from the trained dense model + 3-epoch fine-tune, LR schedule "
+                                             "restarted",
+                                             ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                              "prune_schedule=constant", "sparsity.score_init=uniform",
+                                              "sparsity.grad_mode=masked")),
+    # A control, not a method: random blocks. Scores drawn uniform and trained a million times slower than the
+    # weights (about 1e-6 in a whole run, against gaps of ~1e-3 between neighbouring scores), so the blocks
+    # never re-rank: a random mask, nested as the level ramps. Where it ties the criteria, the choice of
+    # blocks is not what costs accuracy.
+    "block80_random": ("block 80%, 16x16, random blocks (control: uniform scores that never re-rank)",
+                       (*_block("scores", 0.8), "sparsity.score_init=uniform", "sparsity.score_lr_scale=1e-6")),
+    "block80_random_all": ("block 80%, 16x16, random blocks (control: uniform scores that never re-rank), every "
+                           "linear (attention too)",
+                           (*_block("scores", 0.8), "sparsity.score_init=uniform", "sparsity.score_lr_scale=1e-6")),
+    "block80_random_trained_all": ("block 80%, 16x16, random blocks (control: uniform scores that never re-rank), "
+                                   "every linear and 1x1 conv, pruned from the trained dense model + 3-epoch "
+                                   "fine-tune, LR schedule restarted",
+                                   ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
+                                    "prune_schedule=constant", "sparsity.score_init=uniform",
+                                    "sparsity.score_lr_scale=1e-6")),
 }
 # Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
 EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all", "block80_gmp_all",
                "block80_dress_masked_all", "block80_mag_trained_all", "block80_dress_trained_all",
-               "block80_gmp_trained_all", "block80_dress_masked_trained_all")
+               "block80_gmp_trained_all", "block80_dress_masked_trained_all", "block80_dress_superblock_all",
+               "block80_dress_superblock_trained_all", "block80_random_all", "block80_random_trained_all")
 
 
 # Methods that start from the weights of the dense row's run of the same seed (trained after it).
 FROM_DENSE = ("semi24_prune_trained", "block80_mag_trained_all", "block80_dress_trained_all",
               "block80_gmp_trained_all", "block80_dress_masked_trained_all", "block80_mag_trained",
-              "block80_dress_trained", "block80_gmp_trained", "block80_dress_masked_trained")
+              "block80_dress_trained", "block80_gmp_trained", "block80_dress_masked_trained",
+              "block80_dress_superblock_trained_all", "block80_random_trained_all")
 
 
 def dense_checkpoint(model: str, seed: int, root: Path = RUNS) -> Path:

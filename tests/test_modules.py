@@ -461,6 +461,35 @@ def test_block_scores_are_reseeded_from_the_weights_when_a_dense_phase_ends():
     assert torch.allclose(layer.block_scores, block_norms(layer.weight.detach(), 16))
 
 
+def test_uniform_score_init_draws_superblocks_scores_from_the_seed():
+    def scores_of(seed):
+        torch.manual_seed(seed)
+        config = BlockConfig(block_size=8, sparsity=0.5, criterion="scores", score_init="uniform")
+        return SparseLinear.from_dense(nn.Linear(32, 32), config, "fc")
+
+    layer = scores_of(0)
+    scores = layer.block_scores.detach().clone()
+    assert ((scores >= 0) & (scores < 1)).all()
+    assert not torch.allclose(scores, block_norms(layer.weight.detach(), 8))
+    assert torch.equal(scores, scores_of(0).block_scores.detach())
+    assert not torch.equal(scores, scores_of(1).block_scores.detach())
+    assert torch.equal(layer.mask, expand_block_mask(block_mask_from_scores(scores, 0.5), 8))
+    # A dense phase ending re-draws them, as a dense checkpoint loaded into the layer does.
+    layer.apply_phase(Phase("dense_warmup", active=False, level=0.0, update_mask=False), step=0)
+    layer.apply_phase(Phase("pruning", active=True, level=0.5, update_mask=True), step=5)
+    redrawn = layer.block_scores.detach().clone()
+    assert not torch.equal(redrawn, scores) and ((redrawn >= 0) & (redrawn < 1)).all()
+    layer.load_state_dict(nn.Linear(32, 32).state_dict())
+    assert not torch.equal(layer.block_scores.detach(), redrawn)
+
+
+def test_score_init_is_checked_and_needs_learned_scores():
+    with pytest.raises(ValueError, match="score_init='gaussian' is not supported"):
+        BlockConfig(criterion="scores", score_init="gaussian")
+    with pytest.raises(ValueError, match="criterion='scores'"):
+        BlockConfig(criterion="magnitude", score_init="uniform")
+
+
 @pytest.mark.parametrize("config", [Semi24Config(), BlockConfig(block_size=16, sparsity=0.5, criterion="scores")])
 def test_the_backend_can_be_picked_before_the_first_forward(config):
     """torch.compile (the `compile:` option) picks every layer's route before tracing, block layers too."""

@@ -16,6 +16,7 @@ BLOCK_BACKENDS = ("auto", "emulated", "triton_bsr")
 SEMI24_GRAD_MODES = ("ste", "masked", "srste")
 BLOCK_GRAD_MODES = ("ste", "masked")
 BLOCK_CRITERIA = ("magnitude", "scores")
+SCORE_INITS = ("norm", "uniform")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -103,7 +104,10 @@ class BlockConfig:
     sparsity: fraction of blocks pruned, in [0, 1); the schedule may ramp the level up to it.
     criterion: "magnitude" (keep the blocks with the largest L2 norm) or "scores" (learned
         per-block scores trained through a straight-through estimator, DRESS/superblock-style;
-        they start at the block norms, so step 0 equals magnitude pruning).
+        they start as score_init says).
+    score_init: where learned scores start, and restart after a dense phase: "norm" (the block norms, so
+        the first mask equals magnitude pruning) or "uniform" (uniform in [0, 1), superblock's
+        `nn.init.uniform_`: the first mask is random and only training makes it better).
     grad_mode: weight gradient of pruned blocks: "ste" (dense: they train on and may grow back) or
         "masked" (zero: they stay frozen, and under the magnitude criterion every kept block ranks above
         every pruned one, so a rising level never brings one back: Zhu & Gupta's gradual pruning).
@@ -116,6 +120,7 @@ class BlockConfig:
     block_size: int = 64
     sparsity: float = 0.9
     criterion: str = "magnitude"
+    score_init: str = "norm"
     grad_mode: str = "ste"
     backend: str = "auto"
 
@@ -125,6 +130,10 @@ class BlockConfig:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity={self.sparsity} must be in [0, 1): it is the fraction of blocks pruned")
         _check_choice("criterion", self.criterion, BLOCK_CRITERIA)
+        _check_choice("score_init", self.score_init, SCORE_INITS)
+        if self.score_init != "norm" and self.criterion != "scores":
+            raise ValueError(f"score_init={self.score_init!r} sets where learned scores start; magnitude blocks have "
+                             "none: use criterion='scores' (sparsity=dress) or drop score_init")
         _check_choice("grad_mode", self.grad_mode, BLOCK_GRAD_MODES)
         _check_backend(self.backend, BLOCK_BACKENDS)
 

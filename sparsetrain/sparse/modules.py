@@ -156,8 +156,7 @@ class SparseGemmLayer(nn.Module):
         # Block layers run at a level the schedule may move; 2:4 is always 0.5.
         self.level = config.sparsity if isinstance(config, BlockConfig) else SEMI_STRUCTURED_LEVEL
         if isinstance(config, BlockConfig) and config.criterion == "scores":
-            # Scores start at the block norms, so step 0 equals magnitude block pruning.
-            self.block_scores = nn.Parameter(block_norms(self._weight_2d(), config.block_size).to(self.weight.dtype))
+            self.block_scores = nn.Parameter(self._initial_scores())
         self._initial_backend_choice()
         with torch.no_grad():
             self.mask.copy_(self._fresh_mask())
@@ -234,6 +233,14 @@ class SparseGemmLayer(nn.Module):
         self._backend_key = None
 
     # -- masks -----------------------------------------------------------------------------------
+
+    def _initial_scores(self) -> Tensor:
+        """Learned block scores as BlockConfig.score_init starts them: the block norms of the weight as it is
+        now, or uniform in [0, 1) (superblock's init; drawn from the global RNG, so the run's seed fixes it)."""
+        norms = block_norms(self._weight_2d(), self.sparse_config.block_size)
+        if self.sparse_config.score_init == "uniform":
+            return torch.rand(norms.shape, device=norms.device).to(self.weight.dtype)
+        return norms.to(self.weight.dtype)
 
     def _fresh_mask(self, weight_2d: Tensor | None = None) -> Tensor:
         """The mask the current weights (or scores) and level call for, full (out, in) shape."""
@@ -327,10 +334,11 @@ class SparseGemmLayer(nn.Module):
         if not phase.active:
             return
         if waking_up and hasattr(self, "block_scores"):
-            # Scores get no gradient while the layer is dense: re-seed them from the weights as they are
-            # now, so that the first pruning after a dense phase ranks blocks by what was learned.
+            # Scores get no gradient while the layer is dense: re-seed them (under score_init="norm" from the
+            # weights as they are now, so that the first pruning after a dense phase ranks blocks by what was
+            # learned).
             with torch.no_grad():
-                self.block_scores.copy_(block_norms(self._weight_2d(), self.sparse_config.block_size))
+                self.block_scores.copy_(self._initial_scores())
         elif waking_up and isinstance(self.sparse_config, BlockConfig) and self.sparse_config.grad_mode == "masked":
             # Every block trained during the dense phase, so none is frozen: the stored mask (made from the
             # weights before it) must not rank its blocks first (see _magnitude_ranks).
@@ -607,7 +615,7 @@ class SparseGemmLayer(nn.Module):
                 missing_keys.remove(key)
         with torch.no_grad():
             if hasattr(self, "block_scores"):
-                self.block_scores.copy_(block_norms(self._weight_2d(), self.sparse_config.block_size))
+                self.block_scores.copy_(self._initial_scores())
             self.mask.copy_(self._fresh_mask())
         logger.info("%s: loaded dense weights; masks recomputed from them", self.layer_name)
 

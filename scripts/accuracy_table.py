@@ -35,10 +35,19 @@ BLOCK_SCOPE = {"vit": ("sparsity.include=[blocks.*.mlp.*]",), "resnet": ()}
 # magnitude on the same cadence.
 
 
-def _block(criterion: str, level: float, update_every: int = 1) -> tuple[str, ...]:
+def _blocks(criterion: str, level: float) -> tuple[str, ...]:
     sparsity = "dress" if criterion == "scores" else "block"
-    return (f"sparsity={sparsity}", "sparsity.block_size=16", f"sparsity.sparsity={level}",
-            "prune_schedule=gradual", f"prune_schedule.update_every={update_every}")
+    return (f"sparsity={sparsity}", "sparsity.block_size=16", f"sparsity.sparsity={level}")
+
+
+def _block(criterion: str, level: float, update_every: int = 1) -> tuple[str, ...]:
+    return (*_blocks(criterion, level), "prune_schedule=gradual", f"prune_schedule.update_every={update_every}")
+
+
+def _block_from_trained(criterion: str, *extra: str) -> tuple[str, ...]:
+    """superblock's protocol: the trained dense model pruned to 80% from the first step, blocks re-picked every
+    step (scores start at the trained blocks' norms unless told otherwise); the run starts from FROM_DENSE."""
+    return (*_blocks(criterion, 0.8), "prune_schedule=constant", *extra)
 
 
 # method -> (label, overrides on top of the model's recipe)
@@ -111,42 +120,34 @@ METHODS = {
     # every step, by the scores (initialised at the trained blocks' norms) or by magnitude.
     "block80_mag_trained_all": ("block 80%, 16x16, magnitude, every linear and 1x1 conv, pruned from the trained "
                                 "dense model + 3-epoch fine-tune, LR schedule restarted",
-                                ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                 "prune_schedule=constant")),
+                                _block_from_trained("magnitude")),
     "block80_dress_trained_all": ("block 80%, 16x16, DRESS scores, every linear and 1x1 conv, pruned from the "
                                   "trained dense model + 3-epoch fine-tune, LR schedule restarted",
-                                  ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                   "prune_schedule=constant")),
+                                  _block_from_trained("scores")),
     # The same protocol with pruned weights frozen. Magnitude: the trained model pruned once by block norm and
     # fine-tuned with that mask (a pruned block ranks below every kept one). DRESS: superblock exactly (`w *
     # subnet`), the scores start at the trained blocks' norms and are the only way a pruned block returns.
     "block80_gmp_trained_all": ("block 80%, 16x16, magnitude, masked gradients (one-shot, mask fixed), every linear "
                                 "and 1x1 conv, pruned from the trained dense model + 3-epoch fine-tune, LR schedule "
                                 "restarted",
-                                ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                 "prune_schedule=constant", "sparsity.grad_mode=masked")),
+                                _block_from_trained("magnitude", "sparsity.grad_mode=masked")),
     "block80_dress_masked_trained_all": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * "
                                          "mask), every linear and 1x1 conv, pruned from the trained dense model + "
                                          "3-epoch fine-tune, LR schedule restarted",
-                                         ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                          "prune_schedule=constant", "sparsity.grad_mode=masked")),
+                                         _block_from_trained("scores", "sparsity.grad_mode=masked")),
     # superblock's protocol on the block scope of the other rows (the ViT's MLPs, every 1x1 conv of the ResNet).
     "block80_mag_trained": ("block 80%, 16x16, magnitude, pruned from the trained dense model + 3-epoch fine-tune, "
                             "LR schedule restarted",
-                            ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                             "prune_schedule=constant")),
+                            _block_from_trained("magnitude")),
     "block80_dress_trained": ("block 80%, 16x16, DRESS scores, pruned from the trained dense model + 3-epoch "
                               "fine-tune, LR schedule restarted",
-                              ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                               "prune_schedule=constant")),
+                              _block_from_trained("scores")),
     "block80_gmp_trained": ("block 80%, 16x16, magnitude, masked gradients (one-shot, mask fixed), pruned from the "
                             "trained dense model + 3-epoch fine-tune, LR schedule restarted",
-                            ("sparsity=block", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                             "prune_schedule=constant", "sparsity.grad_mode=masked")),
+                            _block_from_trained("magnitude", "sparsity.grad_mode=masked")),
     "block80_dress_masked_trained": ("block 80%, 16x16, DRESS scores, pruned weights frozen (superblock's w * mask), "
                                      "pruned from the trained dense model + 3-epoch fine-tune, LR schedule restarted",
-                                     ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                      "prune_schedule=constant", "sparsity.grad_mode=masked")),
+                                     _block_from_trained("scores", "sparsity.grad_mode=masked")),
     # superblock's own score init (uniform in [0, 1): the first mask is random) with its `w * mask` layers.
     "block80_dress_superblock_all": ("block 80%, 16x16, DRESS scores drawn uniform (superblock's init), pruned weights "
                                      "frozen (superblock's w * mask), every linear (attention too)",
@@ -156,9 +157,8 @@ METHODS = {
                                              "weights frozen (superblock's w * mask), every linear and 1x1 conv, "
                                              "pruned from the trained dense model + 3-epoch fine-tune, LR schedule "
                                              "restarted",
-                                             ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                              "prune_schedule=constant", "sparsity.score_init=uniform",
-                                              "sparsity.grad_mode=masked")),
+                                             _block_from_trained("scores", "sparsity.score_init=uniform",
+                                                                 "sparsity.grad_mode=masked")),
     # A control, not a method: random blocks. Scores drawn uniform and trained a million times slower than the
     # weights (about 1e-6 in a whole run, against gaps of ~1e-3 between neighbouring scores), so the blocks
     # never re-rank: a random mask, nested as the level ramps. Where it ties the criteria, the choice of
@@ -171,22 +171,13 @@ METHODS = {
     "block80_random_trained_all": ("block 80%, 16x16, random blocks (control: uniform scores that never re-rank), "
                                    "every linear and 1x1 conv, pruned from the trained dense model + 3-epoch "
                                    "fine-tune, LR schedule restarted",
-                                   ("sparsity=dress", "sparsity.block_size=16", "sparsity.sparsity=0.8",
-                                    "prune_schedule=constant", "sparsity.score_init=uniform",
-                                    "sparsity.score_lr_scale=1e-6")),
+                                   _block_from_trained("scores", "sparsity.score_init=uniform",
+                                                       "sparsity.score_lr_scale=1e-6")),
 }
-# Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE.
-EVERY_LAYER = ("block80_mag_all", "block80_dress_all", "block80_dress_slow_all", "block80_gmp_all",
-               "block80_dress_masked_all", "block80_mag_trained_all", "block80_dress_trained_all",
-               "block80_gmp_trained_all", "block80_dress_masked_trained_all", "block80_dress_superblock_all",
-               "block80_dress_superblock_trained_all", "block80_random_all", "block80_random_trained_all")
-
-
-# Methods that start from the weights of the dense row's run of the same seed (trained after it).
-FROM_DENSE = ("semi24_prune_trained", "block80_mag_trained_all", "block80_dress_trained_all",
-              "block80_gmp_trained_all", "block80_dress_masked_trained_all", "block80_mag_trained",
-              "block80_dress_trained", "block80_gmp_trained", "block80_dress_masked_trained",
-              "block80_dress_superblock_trained_all", "block80_random_trained_all")
+# Block methods that keep the recipe's own scope (every layer) instead of BLOCK_SCOPE: their names end in "_all".
+EVERY_LAYER = tuple(method for method in METHODS if method.endswith("_all"))
+# Methods that start from the weights of the dense row's run of the same seed (trained after it): "_trained".
+FROM_DENSE = tuple(method for method in METHODS if method.endswith(("_trained", "_trained_all")))
 
 
 def dense_checkpoint(model: str, seed: int, root: Path = RUNS) -> Path:
@@ -267,7 +258,8 @@ def targets(model: str, root: Path = RUNS) -> list[str]:
             ("block80_dress_every50", "block80_mag_every50", "magnitude (ste), both re-picked every 50 steps"),
             ("block80_dress_masked_all", "block80_gmp_all",
              "magnitude (masked, GMP), both on every linear with pruned weights frozen"),
-            ("block80_dress_trained", "block80_mag_trained", "magnitude (ste), both pruned from the trained dense model"),
+            ("block80_dress_trained", "block80_mag_trained",
+             "magnitude (ste), both pruned from the trained dense model"),
             ("block80_dress_masked_trained", "block80_gmp_trained",
              "magnitude (one-shot, mask fixed), both with pruned weights frozen, pruned from the trained dense model"),
             ("block80_dress_trained_all", "block80_mag_trained_all",

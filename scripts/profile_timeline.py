@@ -1,10 +1,12 @@
 """GPU timeline of a few training steps: how long the GPU is busy and idle, and what the host was doing in the gaps.
 
-    python scripts/profile_timeline.py OUTDIR LABEL trainpy [--no-stack] -- recipe=vit_l_24 data=synthetic ...
+    python scripts/profile_timeline.py OUTDIR LABEL trainpy [--no-stack] [--start N] -- recipe=vit_l_24 data=synthetic ...
     python scripts/profile_timeline.py OUTDIR LABEL bare [--no-stack] semi24|dense graph|eager
 
-`trainpy` runs train.py in this process and records steps 28-32 with torch.profiler (after Throughput's first
-window, steps 6-25, so the images/s it reports are unprofiled); `bare` records scripts/bench.py's bare loop
+`trainpy` runs train.py in this process and records steps N to N+4 (default 28) with torch.profiler, and prints a
+table of every step: its GPU-clock time, where the host spent it (between hooks), how long the host waited for
+the GPU at the loss check, and what the caching allocators did (device and pinned-host allocations, allocation
+retries after running out of memory). `bare` records scripts/bench.py's bare loop
 step (`bare_vit_l_step`: train.py's model, bf16 autocast, fused AdamW, clipping), after 20 unprofiled
 steps whose images/s it prints. The report (OUTDIR/timeline-LABEL.txt) gives per step: GPU busy and idle time
 (idle by gap size), the kernels with the most time, every host sync or copy with its Python caller, and the
@@ -149,6 +151,65 @@ def trainpy(out: Path, label: str, overrides: list[str], say: Report) -> None:
 
     from sparsetrain.training import app
 
+    class StepTable(L.Callback):
+        """Host clock at each hook of every step, the loss check's wait, and allocator counters."""
+
+        HOOKS = ("batch_start", "before_backward", "after_backward", "before_optimizer_step", "batch_end")
+
+        def __init__(self):
+            self.rows, self.row, self.wait = [], None, 0.0
+
+        def _stamp(self, hook):
+            if self.row is not None:
+                self.row[hook] = time.perf_counter()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.row is None:
+                watch = pl_module.loss_watch
+                first_nonfinite = watch.first_nonfinite
+
+                def timed():
+                    t = time.perf_counter()
+                    try:
+                        return first_nonfinite()
+                    finally:
+                        self.wait += time.perf_counter() - t
+                watch.first_nonfinite = timed
+            self.row = {"step": trainer.global_step, **_allocator_counts()}
+            self.rows.append(self.row)
+            self.wait = 0.0
+            self._stamp("batch_start")
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self._stamp("before_backward")
+
+        def on_after_backward(self, trainer, pl_module):
+            self._stamp("after_backward")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self._stamp("before_optimizer_step")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._stamp("batch_end")
+            self.row["loss_check_wait"] = self.wait
+
+        def on_train_end(self, trainer, pl_module):
+            throughput = next((c for c in trainer.callbacks if type(c).__name__ == "Throughput"), None)
+            gpu = throughput.step_seconds if throughput is not None else []
+            say("per step (ms; host: time from the hook named to the next; gpu: batch start to batch start on the "
+                "GPU's clock; alloc: new device segments / retries / new pinned host blocks)")
+            say(f"{'step':>5} {'gpu':>8} {'fwd':>7} {'bwd':>7} {'to_opt':>7} {'opt':>7} {'to_next':>8} {'wait':>7} "
+                f"{'alloc':>10}")
+            for i, row in enumerate(self.rows):
+                nxt = self.rows[i + 1] if i + 1 < len(self.rows) else None
+                marks = [row.get(h) for h in self.HOOKS] + [nxt["batch_start"] if nxt else None]
+                parts = [(b - a) * 1e3 if a is not None and b is not None else float("nan")
+                         for a, b in zip(marks, marks[1:])]
+                delta = [(nxt or row)[k] - row[k] for k in ("device_allocs", "alloc_retries", "host_allocs")]
+                g = gpu[i] * 1e3 if i < len(gpu) else float("nan")
+                say(f"{row['step']:>5} {g:8.1f} " + " ".join(f"{p:7.1f}" for p in parts[:4]) +
+                    f" {parts[4]:8.1f} {row.get('loss_check_wait', 0) * 1e3:7.1f} {'/'.join(map(str, delta)):>10}")
+
     class Timeline(L.Callback):
         def __init__(self):
             self.prof, self.t = None, 0.0
@@ -175,7 +236,7 @@ def trainpy(out: Path, label: str, overrides: list[str], say: Report) -> None:
                 say(f"train.py images/s over its unprofiled windows: {throughput.images_per_second}")
 
     build_callbacks = app.build_callbacks
-    app.build_callbacks = lambda *a, **k: [*build_callbacks(*a, **k), Timeline()]
+    app.build_callbacks = lambda *a, **k: [*build_callbacks(*a, **k), StepTable(), Timeline()]
     if not any(o.startswith("trainer.max_steps=") for o in overrides):
         overrides = [*overrides, f"trainer.max_steps={START + STEPS + 1}"]
     sys.argv = [str(ROOT / "train.py"), *overrides]
@@ -186,10 +247,25 @@ def trainpy(out: Path, label: str, overrides: list[str], say: Report) -> None:
             raise
 
 
+def _allocator_counts() -> dict:
+    device = torch.cuda.memory_stats()
+    try:
+        host = torch.cuda.host_memory_stats().get("num_host_alloc", 0)
+    except (AttributeError, RuntimeError):  # torch without host allocator statistics
+        host = 0
+    return {"device_allocs": device.get("num_device_alloc", 0), "alloc_retries": device.get("num_alloc_retries", 0),
+            "host_allocs": host}
+
+
 def main() -> int:
-    global WITH_STACK
-    args = [a for a in sys.argv[1:] if a not in ("--", "--no-stack")]
-    WITH_STACK = "--no-stack" not in sys.argv
+    global WITH_STACK, START
+    argv = sys.argv[1:]
+    if "--start" in argv:
+        at = argv.index("--start")
+        START = int(argv[at + 1])
+        del argv[at:at + 2]
+    args = [a for a in argv if a not in ("--", "--no-stack")]
+    WITH_STACK = "--no-stack" not in argv
     if len(args) < 3 or args[2] not in ("trainpy", "bare") or not torch.cuda.is_available():
         print(__doc__, file=sys.stderr)
         return 2

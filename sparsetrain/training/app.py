@@ -20,8 +20,8 @@ from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, sparsify_
 from sparsetrain.training.bn_recalibration import BatchNormRecalibration
-from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, Throughput,
-                                            WandbRunInfo, merge_records)
+from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, WandbRunInfo,
+                                            merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
@@ -34,6 +34,7 @@ from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
 # Importing it registers the resolvers the configs use (${if_cuda:...}, ${job_dirname:...}).
 from sparsetrain.training.resolvers import trains_on_cuda
 from sparsetrain.training.resumable import ResumeState
+from sparsetrain.training.throughput import Throughput
 
 log = logging.getLogger("sparsetrain")
 
@@ -251,7 +252,7 @@ def train(cfg: DictConfig) -> dict:
     del ckpt  # Lightning loads it again into the trainer; do not hold a second copy through training
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    throughput = Throughput()
+    throughput = Throughput(csv_path=run_dir / "step_times.csv")
     callbacks = build_callbacks(cfg, run_dir, records, throughput, datamodule)
     loggers = build_loggers(cfg.logger, run_dir, run_label=f"{cfg.get('recipe_name')}/{run_dir.name}")
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
@@ -344,9 +345,7 @@ def write_summary(cfg, run_dir: Path, trainer, module, records, throughput, seco
         "objective": metrics.get(cfg.objective),
         "global_step": int(trainer.global_step),
         "epoch": int(trainer.current_epoch),
-        "images_per_second": throughput.images_per_second,
-        "train_tflops_dense_equiv": (throughput.images_per_second * throughput.train_flops_per_image / 1e12
-                                     if throughput.images_per_second and throughput.train_flops_per_image else None),
+        **throughput.summary(),
         "wall_seconds": round(seconds, 1),
         "skipped_steps": module.skipped_steps,
         "layers": [{k: r.get(k) for k in ("name", "shape", "pattern", "backend", "measured_sparsity", "reason")}

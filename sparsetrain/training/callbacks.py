@@ -1,10 +1,8 @@
-"""Lightning callbacks: drive the pruning schedule, report layers, measure throughput, write summary.json."""
+"""Lightning callbacks: drive the pruning schedule, report layers, snapshot masks, fill the wandb run."""
 import json
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as L
 import torch
@@ -104,87 +102,6 @@ class MaskedDecay(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         for _, layer in sparse_modules(pl_module.model):
             layer.decay_pruned_weights(self.strength * lr)
-
-
-class Throughput(L.Callback):
-    """Images/s and achieved TFLOP/s over windows of `window` training steps after `warmup` steps
-    (compilation, cudnn autotune, algorithm search). The device is synchronized only at window edges,
-    so measuring does not slow the run.
-
-    TFLOP/s counts dense-equivalent work (a sparse layer counts as its dense GEMM, training = 3x the
-    forward), so dense and sparse runs of one model compare on the same scale."""
-
-    def __init__(self, warmup: int = 5, window: int = 20):
-        self.warmup = warmup
-        self.window = window
-        self.images = 0
-        self.seconds = 0.0
-        self.train_flops_per_image: Optional[float] = None
-        self._steps = 0
-        self._window_images = 0
-        self._t0: Optional[float] = None
-
-    def _now(self, pl_module) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._steps += 1
-        if self.train_flops_per_image is None:
-            self.train_flops_per_image = 3 * dense_forward_flops(pl_module.model, batch[0][:1])
-        if self._steps == self.warmup:
-            self._t0 = self._now(pl_module)
-        elif self._steps > self.warmup:
-            self._window_images += batch[0].shape[0]
-            if (self._steps - self.warmup) % self.window == 0:
-                self._close_window(pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if self._window_images:
-            self._close_window(pl_module, log=False)
-
-    def _close_window(self, pl_module, log: bool = True):
-        now = self._now(pl_module)
-        dt = now - self._t0
-        rate = self._window_images / dt
-        self.images += self._window_images
-        self.seconds += dt
-        self._window_images, self._t0 = 0, now
-        if not log:
-            return
-        pl_module.log("perf/images_per_s", rate)
-        pl_module.log("perf/tflops_dense_equiv", rate * self.train_flops_per_image / 1e12)
-        if pl_module.device.type == "cuda":
-            pl_module.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
-
-    @property
-    def images_per_second(self) -> Optional[float]:
-        return self.images / self.seconds if self.seconds > 0 else None
-
-
-@torch.no_grad()
-def dense_forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Forward FLOPs per image with every sparse layer run as its dense op (switched back after)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    layers = sparse_modules(model)
-    was_active = [bool(m.sparse_active) for _, m in layers]
-    was_training = model.training
-    for _, m in layers:
-        m.set_active(False)
-    # In eval mode the extra forward draws no dropout / drop-path masks (the RNG stream of the run, and so an
-    # exact resume, stays as it was) and moves no BatchNorm statistics.
-    model.eval()
-    try:
-        # force_eager: a compiled model would otherwise compile this one-off eval forward too.
-        with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-            model(x)
-    finally:
-        model.train(was_training)
-        for (_, m), active in zip(layers, was_active):
-            m.set_active(active)
-    return float(counter.get_total_flops()) / x.shape[0]
 
 
 class LayerReport(L.Callback):

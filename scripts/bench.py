@@ -703,37 +703,11 @@ TRAIN_PY_STEPS = 45  # train.py's Throughput: 5 warm-up steps, then two windows 
 TRAIN_PY_WORKERS = 6  # synthetic images are drawn on the CPU; 6 loader workers keep up with a ViT-L step
 
 
-def bare_vit_l_step(sparsity: str, compile_mode: str | None = None, cuda_graph: bool = False,
-                    model_name: str = "vit_large_patch16_224", batch: int = 64) -> Callable[[], None]:
-    """train.py's vit_l_24 step without Lightning (or another timm ViT's): the same model, sparsity, bf16 autocast over fp32
-    weights (without its cache, as Lightning runs it), fused AdamW (optim/adamw.yaml's), grad-norm clipping and
-    label smoothing, on one batch that stays on the GPU; cuda_graph: forward+backward through GraphedTraining,
-    as train.py's option. Returns the step; the model and optimizer live as long as it does."""
-    from sparsetrain.sparse import Semi24Config, sparsify_
-    from sparsetrain.training.compile import compile_in_place
-    from sparsetrain.training.cuda_graphs import GraphedTraining
-    from sparsetrain.training.models import create_model
-    torch.manual_seed(0)
-    model = create_model(model_name, num_classes=10, img_size=224, drop_path_rate=0.2).cuda().train()
-    if sparsity == "semi24":
-        sparsify_(model, Semi24Config(), include=("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"))
-    if compile_mode is not None:
-        compile_in_place(model, compile_mode, "cuda", torch.bfloat16)
-    if cuda_graph:
-        GraphedTraining(model).install()
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05, fused=True)
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
-    labels = torch.randint(0, 10, (batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return step
+def bare_vit_l_step(sparsity: str, compile_mode: str | None = None, cuda_graph: bool = False) -> Callable[[], None]:
+    """vit_l_24's step without Lightning (bench_vit.bare_vit_step): dense, or its 2:4 MLPs for "semi24"."""
+    from bench_vit import bare_vit_step, recipe_settings
+    return bare_vit_step(recipe_settings("vit_l_24"), "mlp24" if sparsity == "semi24" else "dense", cuda_graph,
+                         compile_mode)
 
 
 def _bare_loop_images_per_s(sparsity: str, compile_mode: str | None, cuda_graph: bool = False) -> float:

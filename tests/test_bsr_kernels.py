@@ -112,6 +112,21 @@ def _child_input_grad(gy, w, block_mask, block_size, config=None):
     return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), config=_config(config))
 
 
+def _child_weight_grad(gy, x, block_mask, block_size, config=None):
+    from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
+    return block_sparse_weight_grad(gy, x, index_from_block_mask(block_mask, block_size), config=_config(config))
+
+
+def _child_masked_autograd(x, w, bias, gy, block_mask, block_size):
+    """grad_mode "masked" with a stored (bool) block mask: the weight grad runs on the kernel."""
+    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.sparse.block_linear import block_sparse_linear
+    x, w, bias = (t.clone().requires_grad_(True) for t in (x, w, bias))
+    y = block_sparse_linear(x, w, bias, block_mask, index_from_block_mask(block_mask, block_size), "masked")
+    y.backward(gy)
+    return x.grad, w.grad, bias.grad
+
+
 def _child_autograd(x, w, bias, gy, block_mask, block_size, grad_mode):
     from sparsetrain.kernels.bsr_matmul import index_from_block_mask
     from sparsetrain.sparse.block_linear import block_sparse_linear
@@ -200,6 +215,9 @@ SEEDS = (0, 1)
 EPILOGUES = {"plain": (False, False), "bias": (True, False), "bias+gelu": (True, True)}
 # The two kernels: pointer loads (the default off sm90 and inside an untuned capture) and TMA descriptors.
 KERNELS = {"pointer": None, "tma": (64, 4, 3, True)}
+# Weight grad: one program per kept block (stores in the weight's dtype), and rows split three ways (fp32 atomics;
+# 16-row chunks so that the slices end mid-way through the rows).
+WEIGHT_GRAD_CONFIGS = {"one-slice": (32, 4, 2, False, 1), "split": (16, 4, 2, False, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +236,11 @@ def interpreted(tmp_path_factory):
         for grad_mode in ("ste", "masked"):
             x, w, bias, gy, mask = _case(7, b)
             runner.add(f"autograd-{b}-{grad_mode}", _child_autograd, x, w, bias, gy, mask, b, grad_mode)
+        runner.add(f"masked-autograd-{b}", _child_masked_autograd, *_case(5, b), b)
+        for seed in SEEDS:
+            x, _, _, gy, mask = _case(seed, b)
+            for name, config in WEIGHT_GRAD_CONFIGS.items():
+                runner.add(f"dw-{name}-{b}-{seed}", _child_weight_grad, gy, x, mask, b, config)
     for b in BLOCK_SIZES:
         _, w, _, gy, mask = _case(11, b)
         for kernel, config in KERNELS.items():
@@ -298,6 +321,29 @@ def test_fused_mlp_matches_two_emulated_linears_and_a_gelu(interpreted, b, grad_
     assert len(got) == len(refs)
     for got_t, ref in zip(got, refs):
         assert got_t.shape == ref.shape and _relative_error(got_t, ref.detach()) < 3e-3
+
+
+@pytest.mark.parametrize("config", WEIGHT_GRAD_CONFIGS)
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_weight_grad_equals_masked_dense(interpreted, config, b, seed):
+    """dW = gy^T x at the kept blocks, exactly zero at the pruned ones (the empty block row included)."""
+    x, w, _, gy, mask = _case(seed, b)
+    dw = interpreted[f"dw-{config}-{b}-{seed}"]
+    full = expand_block_mask(mask, b)
+    assert dw.shape == w.shape and dw.dtype == gy.dtype
+    assert _relative_error(dw, (gy.double().t() @ x.double()) * full) < 2e-3
+    assert not dw[~full].any()
+
+
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_masked_linear_with_a_stored_mask_takes_its_weight_grad_from_the_kernel(interpreted, b):
+    x, w, bias, gy, mask = _case(5, b)
+    gx, gw, gb = interpreted[f"masked-autograd-{b}"]
+    xr, wr, br = (t.double().requires_grad_(True) for t in (x, w, bias))
+    F.linear(xr, _masked_weight(wr, expand_block_mask(mask, b).double(), "masked"), br).backward(gy.double())
+    for got, ref in ((gx, xr.grad), (gw, wr.grad), (gb, br.grad)):
+        assert got.shape == ref.shape and _relative_error(got, ref) < 3e-3
 
 
 def test_no_kept_block_gives_zeros_and_all_kept_is_dense(interpreted):
@@ -491,12 +537,13 @@ def test_tuning_is_remembered_in_memory_and_in_the_json_file(fresh_tuning, monke
     tuning.cache_path().write_text(json.dumps({other.text: {"block_m": 64, "num_warps": 4, "num_stages": 4}}))
     calls = []
     best = tuning.KernelConfig(256, 8, 3)
-    monkeypatch.setattr(tuning, "tune", lambda run: (calls.append(run) or best, {best: 0.05}))
+    monkeypatch.setattr(tuning, "tune", lambda run, candidates: (calls.append(run) or best, {best: 0.05}))
     assert tuning.pick(key, run=lambda config: None) == best
     assert tuning.pick(key, run=lambda config: None) == best and len(calls) == 1
     assert tuning.pick(other, run=lambda config: None) == tuning.KernelConfig(64, 4, 4)
     stored = json.loads(tuning.cache_path().read_text())
-    assert stored[key.text] == {"block_m": 256, "num_warps": 8, "num_stages": 3, "tma": False} and other.text in stored
+    assert stored[key.text] == {"block_m": 256, "num_warps": 8, "num_stages": 3, "tma": False, "split_k": 1}
+    assert other.text in stored
     monkeypatch.setattr(tuning, "_entries", None)  # a new process reads the file
     assert tuning.entries()[key.text] == best
 
@@ -515,18 +562,17 @@ def test_tuning_passes_over_candidates_that_cannot_run_here(monkeypatch):
                 cfg(64, 4, 3, tma=True): tuning.ConfigUnsupported("unaligned"),
                 cfg(128, 4, 5, tma=True): CompilationError("", ast.parse("x"), "no descriptors here"),
                 cfg(128, 4, 2, tma=True): None}
-    monkeypatch.setattr(tuning, "CANDIDATES", tuple(failures))
     monkeypatch.setattr(tuning.triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
 
     def run(config):
         if failures[config] is not None:
             raise failures[config]
-    best, timings = tuning.tune(run)
+    best, timings = tuning.tune(run, tuple(failures))
     assert set(timings) == {cfg(64, 4, 2), cfg(128, 4, 2, tma=True)} and best == cfg(64, 4, 2)
 
     failures[cfg(64, 4, 2)] = CompilationError("", ast.parse("x"), "a bug in the pointer kernel")
     with pytest.raises(CompilationError):
-        tuning.tune(run)
+        tuning.tune(run, tuple(failures))
 
 
 def test_a_damaged_tuning_file_means_retuning_not_failing(fresh_tuning):
@@ -592,6 +638,36 @@ def _bf16_step(module, x, tensors_of):
         y = module(xi)
     y.float().square().mean().backward()
     return y, [xi.grad, *(t.grad for t in tensors_of(module))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [32, 64])
+def test_gpu_weight_grad_equals_masked_dense_and_tunes_among_its_own_candidates(tmp_path, monkeypatch, b):
+    """bf16 at a ViT-L MLP shape, 90% of the blocks pruned: dW at the kept blocks equals gy^T x, zeros elsewhere;
+    the tuned configuration is one of the weight grad's candidates; and under deterministic algorithms the
+    result is bit-identical between calls."""
+    _gpu()
+    from sparsetrain.kernels import bsr_autotune
+    from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(bsr_autotune, "_entries", None)
+    torch.manual_seed(b)
+    gy = torch.randn(12608, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(12608, 1024, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(4096 // b, 1024 // b, device="cuda") < 0.1
+    index = index_from_block_mask(mask, b, density=0.1)
+    dw = block_sparse_weight_grad(gy, x, index)
+    full = expand_block_mask(mask, b)
+    assert dw.dtype == torch.bfloat16 and not dw[~full].any()
+    assert _relative_error(dw, (gy.float().t() @ x.float()) * full) < 1e-2
+    (key, config), = json.loads((tmp_path / bsr_autotune.CACHE_FILE).read_text()).items()
+    assert key.startswith(f"weight_grad|4096x1024|b{b}|density0.1|")
+    assert bsr_autotune.KernelConfig(**config) in bsr_autotune.WEIGHT_GRAD_CANDIDATES
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(block_sparse_weight_grad(gy, x, index), block_sparse_weight_grad(gy, x, index))
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.gpu
@@ -683,6 +759,36 @@ def test_gpu_tuning_is_written_to_the_cache_file(tmp_path, monkeypatch):
     (key, config), = stored.items()
     assert key.startswith("forward|256x512|b32|density0.2|rows2048|bfloat16|none|")
     assert bsr_autotune.KernelConfig(**config) in bsr_autotune.CANDIDATES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [32, 64])
+def test_gpu_weight_grad_equals_masked_dense_and_tunes_among_its_own_candidates(tmp_path, monkeypatch, b):
+    """bf16 at a ViT-L MLP shape, 90% of the blocks pruned: dW at the kept blocks equals gy^T x, zeros elsewhere;
+    the tuned configuration is one of the weight grad's candidates; and under deterministic algorithms the
+    result is bit-identical between calls."""
+    _gpu()
+    from sparsetrain.kernels import bsr_autotune
+    from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(bsr_autotune, "_entries", None)
+    torch.manual_seed(b)
+    gy = torch.randn(12608, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(12608, 1024, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(4096 // b, 1024 // b, device="cuda") < 0.1
+    index = index_from_block_mask(mask, b, density=0.1)
+    dw = block_sparse_weight_grad(gy, x, index)
+    full = expand_block_mask(mask, b)
+    assert dw.dtype == torch.bfloat16 and not dw[~full].any()
+    assert _relative_error(dw, (gy.float().t() @ x.float()) * full) < 1e-2
+    (key, config), = json.loads((tmp_path / bsr_autotune.CACHE_FILE).read_text()).items()
+    assert key.startswith(f"weight_grad|4096x1024|b{b}|density0.1|")
+    assert bsr_autotune.KernelConfig(**config) in bsr_autotune.WEIGHT_GRAD_CANDIDATES
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(block_sparse_weight_grad(gy, x, index), block_sparse_weight_grad(gy, x, index))
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int  # software-pipelining depth of the loop over kept blocks
     tma: bool = False  # tiles moved by tensor descriptors instead of pointer loads
+    split_k: int = 1  # weight grad only: slices of the rows reduced by separate programs, added up in fp32
 
 
 class ConfigUnsupported(RuntimeError):
@@ -64,6 +65,12 @@ CANDIDATES = (
     KernelConfig(128, 8, 5, tma=True),
     KernelConfig(256, 8, 2, tma=True), KernelConfig(256, 8, 5, tma=True),
 )
+# The weight grad's tile is one b x b block; block_m is the rows it reads per iteration. At 90% sparsity a layer
+# has too few kept blocks to fill the GPU, so the rows are split among programs (split_k).
+WEIGHT_GRAD_DEFAULT = KernelConfig(64, 4, 3, split_k=2)
+WEIGHT_GRAD_CANDIDATES = tuple(KernelConfig(rows, warps, stages, split_k=split)
+                               for rows in (64, 128) for warps in (4, 8) for stages in (3, 4)
+                               for split in (1, 2, 4, 8, 16))
 # Part of every key: a new candidate set re-tunes instead of reusing choices made without it.
 CANDIDATE_SET = "c3"
 
@@ -118,10 +125,11 @@ def _persist(key: str, config: KernelConfig) -> None:
     _FILE.persist(key, asdict(config))
 
 
-def tune(run: Callable[[KernelConfig], None]) -> tuple[KernelConfig, dict[KernelConfig, float]]:
+def tune(run: Callable[[KernelConfig], None],
+         candidates: tuple[KernelConfig, ...] = CANDIDATES) -> tuple[KernelConfig, dict[KernelConfig, float]]:
     """Time `run(config)` for every candidate (median ms); the fastest, and every timing."""
     timings = {}
-    for config in CANDIDATES:
+    for config in candidates:
         try:
             timings[config] = triton.testing.do_bench(lambda: run(config), warmup=_TIMING_WARMUP_MS,
                                                       rep=_TIMING_REP_MS, return_mode="median")
@@ -136,8 +144,10 @@ def tune(run: Callable[[KernelConfig], None]) -> tuple[KernelConfig, dict[Kernel
     return min(timings, key=timings.get), timings
 
 
-def pick(key: TuningKey, run: Callable[[KernelConfig], None]) -> KernelConfig:
-    """The configuration for `key`: remembered, or tuned now with `run` (outside CUDA graph capture)."""
+def pick(key: TuningKey, run: Callable[[KernelConfig], None], candidates: tuple[KernelConfig, ...] = CANDIDATES,
+         default: KernelConfig = DEFAULT) -> KernelConfig:
+    """The configuration for `key`: remembered, or tuned now with `run` among `candidates` (outside CUDA graph
+    capture, where an untuned key runs `default`)."""
     with _lock:
         config = _memory().get(key.text)
         if config is not None:
@@ -146,9 +156,9 @@ def pick(key: TuningKey, run: Callable[[KernelConfig], None]) -> KernelConfig:
             if key.text not in _warned_capture:
                 _warned_capture.add(key.text)
                 logger.warning("block-sparse kernel %s is untuned inside CUDA graph capture; it runs %s. Run one "
-                               "step before capturing to tune it", key.text, DEFAULT)
-            return DEFAULT
-        config, timings = tune(run)
+                               "step before capturing to tune it", key.text, default)
+            return default
+        config, timings = tune(run, candidates)
         _memory()[key.text] = config
         _persist(key.text, config)
         logger.info("tuned block-sparse kernel %s: %s (%.4f ms; slowest candidate %.4f ms)", key.text, config,

@@ -6,6 +6,10 @@ block row (forward) or one block column (input grad), reading those blocks strai
 
     forward      y  = x  @ W_s^T (+ bias, then optionally GELU)   x (rows, in),  y (rows, out)
     input grad   dx = dy @ W_s (optionally times GELU'(h))         dy (rows, out), dx (rows, in)
+    weight grad  dW = dy^T @ x at the kept blocks only, zeros elsewhere (pruned blocks get no gradient)
+
+The weight grad's programs each own one kept block (and a slice of the rows, when the kept blocks are too few
+to fill the GPU): a sampled dense-dense product whose work shrinks with the kept fraction as the others' does.
 
 The input grad's GELU' epilogue serves a block-sparse MLP fc1 -> GELU -> fc2: fc2's input grad, times
 GELU' at fc1's pre-activation h, is dL/dh, so GELU's backward never runs as a pass of its own.
@@ -188,6 +192,36 @@ def _block_sparse_mm_tma_kernel(a_desc, w_desc, out_desc, h_desc, bias_ptr, coun
     out_desc.store([pid_m * BLOCK_M, n * B], acc.to(out_desc.dtype))
 
 
+@triton.jit
+def _block_weight_grad_kernel(gy_ptr, x_ptr, out_ptr, counts_ptr, blocks_ptr, rows, rows_per_split,
+                              stride_gy, stride_x, stride_out, stride_blocks,
+                              B: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    """out[n*B:, k*B:] (a B x B block) = gy[:, n*B:(n+1)*B]^T @ x[:, k*B:(k+1)*B] for the i-th kept block k of block
+    row n, over the rows of slice s (program (n, i, s)); with ATOMIC the slices add into an fp32 output."""
+    n = tl.program_id(0)
+    i = tl.program_id(1)
+    count = tl.load(counts_ptr + n)
+    if i < count:
+        k = tl.load(blocks_ptr + n * stride_blocks + i)
+        offs_b = tl.arange(0, B)
+        start = tl.program_id(2) * rows_per_split
+        stop = tl.minimum(start + rows_per_split, rows)
+        acc = tl.zeros((B, B), dtype=tl.float32)
+        for r in range(start, stop, BLOCK_K):
+            offs_r = r + tl.arange(0, BLOCK_K)
+            ok = offs_r < stop
+            g = tl.load(gy_ptr + offs_r.to(tl.int64)[:, None] * stride_gy + (n * B + offs_b)[None, :],
+                        mask=ok[:, None], other=0.0)
+            a = tl.load(x_ptr + offs_r.to(tl.int64)[:, None] * stride_x + (k * B + offs_b)[None, :],
+                        mask=ok[:, None], other=0.0)
+            acc = tl.dot(tl.trans(g), a, acc)
+        out = out_ptr + (n * B + offs_b).to(tl.int64)[:, None] * stride_out + (k * B + offs_b)[None, :]
+        if ATOMIC:
+            tl.atomic_add(out, acc)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty))
+
+
 def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     """Whether TMA can address these row-major operands: 16-byte aligned base and row stride."""
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
@@ -283,3 +317,48 @@ def block_sparse_input_grad(gy: torch.Tensor, weight: torch.Tensor, index: Block
         raise ValueError(f"gelu_input must be a row-major ({gy.shape[0]}, {weight.shape[1]}) {gy.dtype} tensor on "
                          f"{gy.device}, got {gelu_input.dtype} {tuple(gelu_input.shape)}")
     return _launch(gy, weight, index, None, False, transposed=True, config=config, gelu_input=gelu_input)
+
+
+def block_sparse_weight_grad(gy: torch.Tensor, x: torch.Tensor, index: BlockIndex,
+                             config: bsr_autotune.KernelConfig | None = None) -> torch.Tensor:
+    """gy (rows, out)^T @ x (rows, in) at the kept blocks of `index`, zeros at the pruned ones: the weight gradient
+    of `block_sparse_linear` when pruned blocks get none (grad_mode "masked"). (out, in) in gy's dtype.
+
+    config None: the tuned configuration for this shape. Row slices add up with fp32 atomics, whose order varies
+    from run to run; under torch.use_deterministic_algorithms(True) every block is reduced by one program.
+    """
+    out_features, in_features = index.weight_shape
+    if gy.dim() != 2 or x.dim() != 2 or gy.shape[0] != x.shape[0]:
+        raise ValueError(f"block_sparse_weight_grad takes gy (rows, out) and x (rows, in) with the same rows, got "
+                         f"{tuple(gy.shape)} and {tuple(x.shape)}")
+    if (gy.shape[1], x.shape[1]) != (out_features, in_features):
+        raise ValueError(f"the index was built for a {out_features}x{in_features} weight, but gy has {gy.shape[1]} "
+                         f"and x {x.shape[1]} features")
+    if gy.dtype not in HALF_DTYPES or x.dtype != gy.dtype:
+        raise ValueError(f"block_sparse_weight_grad runs fp16/bf16 with one dtype, got {gy.dtype} and {x.dtype}")
+    if gy.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("block_sparse_weight_grad needs row-major operands (last stride 1); call .contiguous() first")
+    b = index.block_size
+    rows = gy.shape[0]
+    counts, blocks = index.row_counts, index.row_blocks
+
+    def run(cfg: bsr_autotune.KernelConfig) -> torch.Tensor:
+        split = 1 if torch.are_deterministic_algorithms_enabled() else max(1, min(cfg.split_k, triton.cdiv(rows, cfg.block_m)))
+        rows_per_split = triton.cdiv(triton.cdiv(rows, split), cfg.block_m) * cfg.block_m
+        out = torch.zeros(out_features, in_features, dtype=torch.float32 if split > 1 else gy.dtype, device=gy.device)
+        grid = (out_features // b, in_features // b, triton.cdiv(rows, rows_per_split))
+        _block_weight_grad_kernel[grid](
+            gy, x, out, counts, blocks, rows, rows_per_split, gy.stride(0), x.stride(0), out.stride(0),
+            blocks.stride(0), B=b, BLOCK_K=cfg.block_m, ATOMIC=split > 1, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        return out.to(gy.dtype)
+
+    if rows == 0:
+        return torch.zeros(out_features, in_features, dtype=gy.dtype, device=gy.device)
+    if config is None and gy.device.type != "cuda":  # Triton's CPU interpreter: nothing to tune
+        config = bsr_autotune.WEIGHT_GRAD_DEFAULT
+    if config is None:
+        key = bsr_autotune.TuningKey.of("weight_grad", rows, index.weight_shape, b, index.density, gy.dtype, False,
+                                        False, gy.device)
+        config = bsr_autotune.pick(key, run, bsr_autotune.WEIGHT_GRAD_CANDIDATES, bsr_autotune.WEIGHT_GRAD_DEFAULT)
+    return run(config)

@@ -2,8 +2,8 @@
 
 Routes of a block layer (BlockConfig.backend):
   "triton_bsr"  forward and input grad through `sparsetrain.kernels.bsr_matmul`, which read only the kept
-                blocks of the dense weight; the weight grad is one dense GEMM (the STE and the DRESS
-                score gradient need all of it), masked afterwards for grad_mode="masked".
+                blocks of the dense weight; the weight grad too under grad_mode="masked" (pruned blocks
+                get none), else one dense GEMM (the STE and the DRESS score gradient need all of it).
   "emulated"    F.linear of the masked weight: any device and dtype; the reference the kernels match.
   "auto"        triton_bsr where it can run (CUDA, fp16/bf16, blocks of 32/64) and wins, emulated elsewhere:
                 16x16 blocks measured slower than cuBLAS, and at levels under AUTO_MIN_SPARSITY (a
@@ -101,19 +101,25 @@ class _BlockSparseLinear(Function):
         grad_x = None
         if need_x:
             grad_x = block_sparse_input_grad(gy2d, weight, ctx.index).reshape(ctx.x_shape)
-        grad_w, grad_b, grad_mask = _parameter_grads(gy2d, x2d, weight, block_mask, ctx.index.block_size,
-                                                     ctx.grad_mode, ctx.bias_dtype, need_w, need_b, need_mask)
+        grad_w, grad_b, grad_mask = _parameter_grads(gy2d, x2d, weight, block_mask, ctx.index, ctx.grad_mode,
+                                                     ctx.bias_dtype, need_w, need_b, need_mask)
         return grad_x, grad_w, grad_b, grad_mask, None, None
 
 
-def _parameter_grads(gy2d: Tensor, x2d: Tensor, weight: Tensor, block_mask: Tensor | None, b: int, grad_mode: str,
+def _parameter_grads(gy2d: Tensor, x2d: Tensor, weight: Tensor, block_mask: Tensor | None, index, grad_mode: str,
                      bias_dtype, need_w: bool, need_b: bool, need_mask: bool):
     """dL/dW, dL/dbias and dL/d(block mask) of y = x @ (W * expand(block_mask))^T + bias (None where not needed).
 
-    The weight grad is one dense GEMM: the STE and the score gradient need every block of it.
+    grad_mode "masked" without a learned mask: the kernel computes the kept blocks only. Otherwise one dense
+    GEMM: the STE and the score gradient need every block of it.
     """
     grad_w = grad_b = grad_mask = None
-    if need_w or need_mask:
+    b = index.block_size
+    if need_w and grad_mode == "masked" and not need_mask:
+        from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad
+
+        grad_w = block_sparse_weight_grad(gy2d, x2d, index)
+    elif need_w or need_mask:
         dense = gy2d.t() @ x2d  # dL/dW_s for every block, pruned ones too
         blocks = dense.view(weight.shape[0] // b, b, weight.shape[1] // b, b)
         if need_w:
@@ -158,14 +164,14 @@ class _BlockSparseMlp(Function):
         (index1, index2), (bias1_dtype, bias2_dtype) = ctx.indexes, ctx.bias_dtypes
         need = ctx.needs_input_grad
         gy2d = _row_major(gy.reshape(-1, gy.shape[-1]))
-        grad_w2, grad_b2, grad_mask2 = _parameter_grads(gy2d, a, w2, mask2, index2.block_size, ctx.grad_mode,
-                                                        bias2_dtype, need[4], need[5], need[6])
+        grad_w2, grad_b2, grad_mask2 = _parameter_grads(gy2d, a, w2, mask2, index2, ctx.grad_mode, bias2_dtype,
+                                                        need[4], need[5], need[6])
         grad_x = grad_w1 = grad_b1 = grad_mask1 = None
         if any(need[:4]):
             grad_h = block_sparse_input_grad(gy2d, w2, index2, gelu_input=h)
             if need[0]:
                 grad_x = block_sparse_input_grad(grad_h, w1, index1).reshape(ctx.x_shape)
-            grad_w1, grad_b1, grad_mask1 = _parameter_grads(grad_h, x2d, w1, mask1, index1.block_size, ctx.grad_mode,
+            grad_w1, grad_b1, grad_mask1 = _parameter_grads(grad_h, x2d, w1, mask1, index1, ctx.grad_mode,
                                                             bias1_dtype, need[1], need[2], need[3])
         return grad_x, grad_w1, grad_b1, grad_mask1, grad_w2, grad_b2, grad_mask2, None, None, None
 

@@ -9,10 +9,10 @@ from omegaconf.errors import ConfigAttributeError
 
 from sparsetrain.training.app import ConfigError, estimate_steps_per_epoch, train, validate_config
 from sparsetrain.training.checkpoints import CheckpointError
-from tests.helpers import RECIPES, TINY, compose_cfg
+from tests.helpers import RECIPES, TINY, compose_cfg, tiny
 
-REQUIRED_RECIPES = {"vit_l_24", "vit_b_24", "resnet50_24", "vit_b_block", "fmnist_vit_24", "fmnist_resnet_24",
-                    "fmnist_vit_block", "fmnist_dense"}
+REQUIRED_RECIPES = {"vit_l_24", "vit_h_24", "vit_g_24", "vit_b_24", "resnet50_24", "vit_b_block", "vit_l_block",
+                    "fmnist_vit_24", "fmnist_resnet_24", "fmnist_vit_block", "fmnist_dense"}
 
 
 def test_required_recipes_ship():
@@ -28,9 +28,9 @@ def test_recipe_composes_with_its_own_data(recipe, tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_two_steps_on_synthetic_data(recipe, tmp_path):
-    cfg = compose_cfg([f"recipe={recipe}", *TINY], tmp_path)
+    cfg = compose_cfg([f"recipe={recipe}", *tiny(recipe)], tmp_path)
     if cfg.prune_schedule.kind == "gradual":  # layers.json describes step 0: start the ramp at the target
-        cfg = compose_cfg([f"recipe={recipe}", *TINY, f"prune_schedule.initial_level={cfg.sparsity.sparsity}"],
+        cfg = compose_cfg([f"recipe={recipe}", *tiny(recipe), f"prune_schedule.initial_level={cfg.sparsity.sparsity}"],
                           tmp_path)
     summary = train(cfg)
     assert summary["global_step"] == 2

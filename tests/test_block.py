@@ -118,3 +118,31 @@ def test_multi_subnet_loss_is_the_weighted_sum_of_each_levels_loss():
     set_block_level(net, levels[0])
     torch.testing.assert_close(total, expected)
     assert all(layer.level == 0.75 for _, layer in sparse_modules(net))
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "scores"])
+def test_a_final_mask_gives_pruned_blocks_no_gradient_whatever_the_grad_mode(criterion):
+    """grad_mode=ste trains pruned blocks while the mask may still change; once the schedule says it never will,
+    they get no gradient (what the block-sparse weight gradient computes), and the graph key says so."""
+    from torch import nn
+
+    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.schedules import PruneSchedule
+    from sparsetrain.training.cuda_graphs import graph_key
+
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(nn.Linear(64, 32), BlockConfig(block_size=16, sparsity=0.5, criterion=criterion),
+                                    "fc")
+    schedule = PruneSchedule(kind="gradual", pattern="block", target=0.5, end_step=4, freeze_mask_after=4)
+    x = torch.randn(8, 64)
+
+    def pruned_grad(step):
+        layer.apply_phase(schedule.phase(step), step)
+        layer.weight.grad = None
+        layer(x).sum().backward()
+        return layer.weight.grad[~layer.mask]
+
+    assert pruned_grad(4).abs().sum() > 0 and layer.grad_mode == "ste"
+    key_before = graph_key([layer], x)
+    assert torch.equal(pruned_grad(5), torch.zeros_like(pruned_grad(5))) and layer.grad_mode == "masked"
+    assert graph_key([layer], x) != key_before

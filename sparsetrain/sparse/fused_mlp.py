@@ -48,7 +48,7 @@ class BlockSparseMlp(nn.Module):
         fc1, fc2 = self.fc1, self.fc2
         if not (torch.is_grad_enabled() and isinstance(fc1, SparseGemmLayer) and isinstance(fc2, SparseGemmLayer)):
             return None
-        if fc1.sparse_config.grad_mode != fc2.sparse_config.grad_mode or fc1.fuse_gelu:
+        if fc1.grad_mode != fc2.grad_mode or fc1.fuse_gelu:
             return None
         dtype = compute_dtype(x.device.type, fc1.weight.dtype)
         serve = fc1.block_kernels_serve(x.device, dtype) and fc2.block_kernels_serve(x.device, dtype)
@@ -60,7 +60,7 @@ class BlockSparseMlp(nn.Module):
             return self.fc2(self.act(self.fc1(x)))
         with torch.autocast(x.device.type, enabled=False):
             return block_sparse_mlp(x.to(dtype), self.fc1.block_kernel_operands(dtype),
-                                    self.fc2.block_kernel_operands(dtype), self.fc1.sparse_config.grad_mode)
+                                    self.fc2.block_kernel_operands(dtype), self.fc1.grad_mode)
 
 
 def fuse_block_mlps_(model: nn.Module) -> list[str]:

@@ -147,6 +147,7 @@ class SparseGemmLayer(nn.Module):
         # Python mirrors of the flags: reading a CUDA buffer in forward would sync the device.
         self._active = True
         self._frozen = False
+        self._mask_final = False  # the schedule will not change the mask again (Phase.mask_final)
         self._backends: dict[tuple[torch.device, torch.dtype], tuple[Backend, str]] = {}
         self._block_routes: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
         self._block_index = None  # ((stored mask's storage, version, level), its block mask, its BlockIndex)
@@ -331,6 +332,7 @@ class SparseGemmLayer(nn.Module):
         if phase.zero_pruned and self._active and not phase.active:
             self._zero_pruned_weights()
         self.set_active(phase.active)
+        self._mask_final = phase.active and phase.mask_final
         if not phase.active:
             return
         if waking_up and hasattr(self, "block_scores"):
@@ -364,6 +366,14 @@ class SparseGemmLayer(nn.Module):
         if not self._frozen:
             self._store_mask(self._fresh_mask(), step=None)
         self.weight.mul_(self.mask.reshape(self.weight.shape).to(self.weight.dtype))
+
+    @property
+    def grad_mode(self) -> str:
+        """The weight gradient this layer's forward gives: the config's, except for a block layer whose mask is
+        final, whose pruned blocks get none (so the block-sparse weight gradient computes only the kept ones)."""
+        if self._mask_final and isinstance(self.sparse_config, BlockConfig):
+            return "masked"
+        return self.sparse_config.grad_mode
 
     def pop_flip_rate(self) -> float:
         """Fraction of mask entries flipped since the last call (summed over every update)."""
@@ -434,7 +444,7 @@ class SparseGemmLayer(nn.Module):
         block_mask, index = self._block_mask_and_index()
         if self.fuse_gelu and not torch.is_grad_enabled():
             return block_sparse_linear_gelu(x, w, bias, index)
-        y = block_sparse_linear(x, w, bias, block_mask, index, config.grad_mode)
+        y = block_sparse_linear(x, w, bias, block_mask, index, self.grad_mode)
         return F.gelu(y) if self.fuse_gelu else y
 
     def block_kernels_serve(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -479,7 +489,7 @@ class SparseGemmLayer(nn.Module):
             if not current:
                 self._rebuild_block_index()
             _, kept, index = self._block_index
-        return (kept if config.grad_mode == "masked" else None), index
+        return (kept if self.grad_mode == "masked" else None), index
 
     def _scores_pick_blocks(self) -> bool:
         return self.sparse_config.criterion == "scores" and not self._frozen
@@ -543,8 +553,8 @@ class SparseGemmLayer(nn.Module):
             if self.training:
                 with torch.no_grad():
                     self._store_mask(mask.bool(), step=None)
-            return _masked_weight(w, mask.to(w.dtype), config.grad_mode)
-        return _masked_weight(w, self.mask.to(w.dtype), config.grad_mode)
+            return _masked_weight(w, mask.to(w.dtype), self.grad_mode)
+        return _masked_weight(w, self.mask.to(w.dtype), self.grad_mode)
 
     # -- reporting and export --------------------------------------------------------------------
 

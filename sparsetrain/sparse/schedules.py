@@ -30,6 +30,9 @@ class Phase:
     update_mask: recompute the mask at this step (from the current weights or scores).
     zero_pruned: a layer that was sparse until now sets its pruned weights to zero before going dense
         (only the final dense fine-tune asks for it; see PruneSchedule.dense_final_pruned).
+    mask_final: no later step of the schedule changes the mask: pruned weights can never serve a forward
+        again while it is sparse, so block layers give them no gradient (and compute none: the block-sparse
+        weight gradient) whatever their grad_mode.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Phase:
     level: float
     update_mask: bool
     zero_pruned: bool = False
+    mask_final: bool = False
 
 
 DENSE_WARMUP = Phase("dense_warmup", active=False, level=0.0, update_mask=False)
@@ -84,8 +88,12 @@ class PruneSchedule:
     prune_step: one_shot's pruning step (default: dense_warmup_steps).
     start_step, end_step: gradual ramp window; iterative uses start_step (default for both:
         dense_warmup_steps).
+    end_fraction: gradual only, instead of end_step: the ramp ends at round(end_fraction * total_steps).
     update_every: mask recomputation period (steps) for constant and gradual.
     freeze_mask_after: the mask is not recomputed at any step after this one (constant, gradual).
+    freeze_after_ramp: gradual only: freeze_mask_after = end_step, the paper's fixed final mask. The rest of
+        the run is then a frozen phase (Phase.mask_final): the block kernels' index is built once and pruned
+        blocks get no weight gradient.
     dense_final_fraction: the last round(fraction * total_steps) steps run dense again (the
         torchao DINOv2 recipe trains 70% sparse, then dense). Needs total_steps.
     total_steps: length of training; required only by dense_final_fraction.
@@ -104,8 +112,10 @@ class PruneSchedule:
     prune_step: int | None = None
     start_step: int | None = None
     end_step: int | None = None
+    end_fraction: float | None = None
     update_every: int = 1
     freeze_mask_after: int | None = None
+    freeze_after_ramp: bool = False
     dense_final_fraction: float = 0.0
     total_steps: int | None = None
     dense_final_pruned: str = "zero"
@@ -116,6 +126,7 @@ class PruneSchedule:
         self._check_kind_and_pattern()
         self.target = self._resolved_target()
         self._check_knobs_belong_to_kind()
+        self._resolve_ramp_end()
         self._check_steps()
 
     # -- validation -------------------------------------------------------------------------
@@ -152,6 +163,7 @@ class PruneSchedule:
             "prune_step": ("one_shot",),
             "start_step": ("gradual", "iterative"),
             "end_step": ("gradual",),
+            "end_fraction": ("gradual",),
             "freeze_mask_after": ("constant", "gradual"),
             "cycles": ("iterative",),
             "cycle_steps": ("iterative",),
@@ -161,10 +173,27 @@ class PruneSchedule:
                 raise ValueError(
                     f"{knob} is only used by kind {' or '.join(map(repr, kinds))}, not {self.kind!r}; remove it"
                 )
-        if self.kind == "gradual" and self.end_step is None:
-            raise ValueError("kind='gradual' needs end_step (the step where the ramp reaches target)")
+        if self.freeze_after_ramp and self.kind != "gradual":
+            raise ValueError(f"freeze_after_ramp is only used by kind 'gradual', not {self.kind!r}; remove it")
+        if self.kind == "gradual" and (self.end_step is None) == (self.end_fraction is None):
+            raise ValueError("kind='gradual' needs one of end_step (the step where the ramp reaches target) or "
+                             "end_fraction (that step as a fraction of the run)")
         if self.kind == "iterative" and (self.cycles is None or self.cycle_steps is None):
             raise ValueError("kind='iterative' needs cycles and cycle_steps")
+
+    def _resolve_ramp_end(self) -> None:
+        """end_fraction -> end_step, and freeze_after_ramp -> freeze_mask_after."""
+        if self.end_fraction is not None:
+            if not 0.0 < self.end_fraction <= 1.0:
+                raise ValueError(f"end_fraction={self.end_fraction} must be in (0, 1]: the fraction of the run "
+                                 "after which the ramp has reached the target")
+            if self.total_steps is None:
+                raise ValueError("end_fraction needs total_steps (the fraction is of the whole run)")
+            self.end_step = max(self.sparse_start + 1, round(self.end_fraction * self.total_steps))
+        if self.freeze_after_ramp:
+            if self.freeze_mask_after is not None:
+                raise ValueError("set freeze_after_ramp or freeze_mask_after, not both")
+            self.freeze_mask_after = self.end_step
 
     def _check_steps(self) -> None:
         for knob in ("dense_warmup_steps", "prune_step", "start_step", "end_step", "freeze_mask_after", "total_steps"):
@@ -247,14 +276,16 @@ class PruneSchedule:
             return DENSE_WARMUP
         if self.kind == "one_shot":
             first = step == self.sparse_start
-            return Phase("pruning" if first else "sparse", True, self.target, update_mask=first)
+            return Phase("pruning" if first else "sparse", True, self.target, update_mask=first, mask_final=not first)
         if self.kind == "iterative":
             return self._iterative_phase(step)
         if self.kind == "gradual" and step <= self.end_step:
             level = cubic_level(step, self.sparse_start, self.end_step, self.initial_level, self.target)
             due = self._periodic_update_due(step) or step == self.end_step
             return Phase("pruning", True, level, update_mask=due)
-        return Phase("sparse", True, self.target, update_mask=self._periodic_update_due(step))
+        frozen_for_good = self.freeze_mask_after is not None and step > self.freeze_mask_after
+        return Phase("sparse", True, self.target, update_mask=self._periodic_update_due(step),
+                     mask_final=frozen_for_good)
 
     def _periodic_update_due(self, step: int) -> bool:
         if self.freeze_mask_after is not None and step > self.freeze_mask_after:
@@ -264,7 +295,8 @@ class PruneSchedule:
     def _iterative_phase(self, step: int) -> Phase:
         cycle, offset = divmod(step - self.sparse_start, self.cycle_steps)
         if cycle >= self.cycles:
-            return Phase("sparse", True, self.target, update_mask=False)
+            return Phase("sparse", True, self.target, update_mask=False, mask_final=True)
         level = self.initial_level + (self.target - self.initial_level) * (cycle + 1) / self.cycles
         first = offset == 0
-        return Phase("pruning" if first else "sparse", True, level, update_mask=first)
+        return Phase("pruning" if first else "sparse", True, level, update_mask=first,
+                     mask_final=cycle == self.cycles - 1 and not first)

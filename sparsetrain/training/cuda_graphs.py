@@ -7,7 +7,7 @@ the schedule and the logging stay eager around it, so Lightning drives training 
 
 A graph replays the kernels that one forward chose, so it is only valid for the Python-side state that
 chose them: the input's shape and dtype, autocast, and each sparse layer's flags (active, mask frozen,
-level, fused GELU). That state is the graph's key; a step with a new key captures a new graph (phase
+level, fused GELU, weight-gradient mode). That state is the graph's key; a step with a new key captures a new graph (phase
 changes, mask-refresh steps vs frozen ones, the smaller last batch), and a step whose key was seen replays
 it. Tensor contents the graph reads may change between replays, and so may a block layer's mask (a schedule
 update, or learned scores in an earlier replay): each block layer rebuilds its kernels' index in place before a
@@ -37,7 +37,7 @@ CHURN_WARNING = 2 * MAX_GRAPHS  # captures after which the run is told that grap
 def graph_key(layers: list, x: Tensor) -> tuple:
     """What a captured forward depends on besides tensor contents. `layers`: the model's sparse layers
     (found once: walking a ViT-L's modules every step costs the host ~0.3 ms)."""
-    layers = tuple((layer._active, layer._frozen, layer.level, layer.fuse_gelu) for layer in layers)
+    layers = tuple((layer._active, layer._frozen, layer.level, layer.fuse_gelu, layer.grad_mode) for layer in layers)
     autocast = torch.is_autocast_enabled(x.device.type)
     return (tuple(x.shape), x.dtype, x.device, autocast, torch.get_autocast_dtype(x.device.type) if autocast else None,
             layers)

@@ -86,6 +86,47 @@ def test_graphed_training_equals_eager_across_phases(config):
     assert graphs.captured == 3 and "forward" in graphed.__dict__
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "scores"])
+def test_frozen_phase_replays_one_graph_without_rebuilding_the_index(criterion):
+    """A gradual ramp frozen where it ends (the block recipes' schedule): after the freeze every step replays one
+    graph, the kernels' block index is never rebuilt, pruned blocks get no weight gradient (the block-sparse weight
+    gradient), and the graphed model trains as the eager one does."""
+    _require_cuda()
+    from sparsetrain.sparse.schedules import PruneSchedule
+
+    config = BlockConfig(block_size=64, sparsity=0.9, backend="triton_bsr", criterion=criterion)
+    schedule = PruneSchedule(kind="gradual", pattern="block", target=0.9, end_step=3, update_every=1,
+                             freeze_after_ramp=True)
+    eager = _model(config)
+    graphed = copy.deepcopy(eager)
+    graphs = GraphedTraining(graphed)
+    graphs.install()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    indexes = None
+    for step in range(9):
+        x = torch.randn(TOKENS, 1024, device="cuda", generator=generator)
+        target = torch.randint(0, 16, (TOKENS,), device="cuda", generator=generator)
+        losses = []
+        for model, optimizer in zip((eager, graphed), optimizers):
+            for _, layer in sparse_modules(model):
+                layer.apply_phase(schedule.phase(step), step)
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = nn.functional.cross_entropy(model(x).float(), target)
+            loss.backward()
+            if step > 3:
+                for name, layer in sparse_modules(model):
+                    assert not layer.weight.grad[~layer.mask].any(), f"step {step}: {name} pruned blocks got a gradient"
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        assert relative_error(losses[1], losses[0]) < 2e-2, f"step {step}: losses {losses[0]} vs {losses[1]}"
+        if step == 4:
+            captured, indexes = graphs.captured, [layer._block_index for _, layer in sparse_modules(graphed)]
+    assert graphs.captured == captured, "the frozen phase captured more than one graph"
+    assert all(layer._block_index is index for (_, layer), index in zip(sparse_modules(graphed), indexes))
+
+
 def test_train_py_recipe_runs_on_captured_graphs(tmp_path, caplog):
     _require_cuda()
     from sparsetrain.training.app import train

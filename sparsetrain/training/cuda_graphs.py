@@ -7,13 +7,15 @@ the schedule and the logging stay eager around it, so Lightning drives training 
 
 A graph replays the kernels that one forward chose, so it is only valid for the Python-side state that
 chose them: the input's shape and dtype, autocast, and each sparse layer's flags (active, mask frozen,
-level, fused GELU, weight-gradient mode). That state is the graph's key; a step with a new key captures a new graph (phase
-changes, mask-refresh steps vs frozen ones, the smaller last batch), and a step whose key was seen replays
-it. Tensor contents the graph reads may change between replays, and so may a block layer's mask (a schedule
-update, or learned scores in an earlier replay): each block layer rebuilds its kernels' index in place before a
-replay that needs it (`sync_block_index`), so the graph never rebuilds it itself. Eval forwards and forwards
-without grad run eager. All graphs share one memory pool: only one of them runs per step, and nothing a graph
-returns outlives its step.
+level, fused GELU, weight-gradient mode). That state is the graph's key. A key is captured the second time a
+step has it and replayed from then on; a step whose key is new runs eager. So a state that repeats (a phase,
+mask-refresh steps vs frozen ones, the smaller last batch) costs one eager step and one capture, and one that
+never repeats (a block level ramping at every step) costs nothing but eager speed, where capturing it would
+cost several eager steps each time. Tensor contents the graph reads may change between replays, and so may a
+block layer's mask (a schedule update, or learned scores in an earlier replay): each block layer rebuilds its
+kernels' index in place before a replay that needs it (`sync_block_index`), so the graph never rebuilds it
+itself. Eval forwards and forwards without grad run eager. All graphs share one memory pool: only one of them
+runs per step, and nothing a graph returns outlives its step.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from sparsetrain.sparse.sparsify import sparse_modules
 log = logging.getLogger("sparsetrain")
 
 MAX_GRAPHS = 6  # keys alive at once (a run sees 2-4); the oldest is dropped beyond that
-CHURN_WARNING = 2 * MAX_GRAPHS  # captures after which the run is told that graphs do not pay off
+MAX_SEEN = 64  # keys remembered as seen once, awaiting a second step to be captured
 
 
 def graph_key(layers: list, x: Tensor) -> tuple:
@@ -91,7 +93,10 @@ class GraphedTraining:
         self.model = model
         self.capture = capture or CudaGraphCapture()
         self.graphs: OrderedDict[tuple, Callable] = OrderedDict()
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # keys of eager steps, most recent last
         self.captured = 0
+        self.steps = 0  # training forwards routed here
+        self.replayed = 0  # ... of which replayed a graph
         self.layers = [layer for _, layer in sparse_modules(model)]
 
     def install(self) -> None:
@@ -105,13 +110,20 @@ class GraphedTraining:
         if not (self.model.training and torch.is_grad_enabled()):
             return type(self.model).forward(self.model, x)
         key = graph_key(self.layers, x)
+        self.steps += 1
+        graphed = self.graphs.get(key)
+        if graphed is None and key not in self.seen:
+            self.seen[key] = None
+            if len(self.seen) > MAX_SEEN:
+                self.seen.popitem(last=False)
+            return type(self.model).forward(self.model, x)
         for layer in self.layers:
             layer.sync_block_index()
-        graphed = self.graphs.get(key)
         if graphed is None:
             graphed = self._capture(x, key)
         else:
             self.graphs.move_to_end(key)
+        self.replayed += 1
         return graphed(x)
 
     def _capture(self, x: Tensor, key: tuple) -> Callable:
@@ -123,14 +135,10 @@ class GraphedTraining:
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.popitem(last=False)
         self.graphs[key] = graphed
+        self.seen.pop(key, None)
         self.captured += 1
         log.info("cuda_graph: capture %d of the training forward+backward (input %s, %d sparse layers)",
                  self.captured, tuple(x.shape), len(key[-1]))
-        if self.captured == CHURN_WARNING:
-            log.warning("cuda_graph: %d captures so far: the graph key (phase, mask refresh on/off, block level, "
-                        "batch shape) keeps changing, and each capture costs several eager steps; a schedule "
-                        "that moves the block level at every update (a gradual ramp) trains faster with "
-                        "cuda_graph=false", self.captured)
         return graphed
 
 
@@ -191,7 +199,11 @@ class CudaGraphSteps(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         if self.graphs is not None:
-            self.graphs.uninstall()
+            graphs = self.graphs
+            log.info("cuda_graph: %d of %d training steps replayed one of %d captured graphs; the others ran eager, "
+                     "as their key (phase, mask refresh, block level, batch shape) had not been seen before",
+                     graphs.replayed, graphs.steps, graphs.captured)
+            graphs.uninstall()
             self.graphs = None
 
     def on_exception(self, trainer, pl_module, exception):

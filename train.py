@@ -3,6 +3,9 @@ import os
 import sys
 
 import hydra
+# Imported before Hydra sets up logging, so that conf/hydra/default.yaml can take back the console handlers
+# Lightning gives its loggers at import (each line would print twice).
+import lightning.pytorch  # noqa: F401
 from omegaconf import DictConfig
 
 import sparsetrain.training.resolvers  # noqa: F401  (registers ${job_dirname:...})

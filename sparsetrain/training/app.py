@@ -10,7 +10,7 @@ import lightning.pytorch as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from sparsetrain import kernels
@@ -22,7 +22,7 @@ from sparsetrain.sparse.sparsify import layer_table, sparsify_
 from sparsetrain.training.bn_recalibration import BatchNormRecalibration
 from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, WandbRunInfo,
                                             merge_records)
-from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
+from sparsetrain.training.checkpoints import (AtomicCheckpointIO, BestCheckpoint, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
 from sparsetrain.training.consistency import MaskAgreement
@@ -278,9 +278,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
     # Two savers: the best ones by the monitored metric after each validation, and last.ckpt (what resume=auto
     # continues from) on schedule whatever the metrics. One saver doing both would write nothing until the
     # first validation: Lightning defers a save whose monitored metric does not exist yet.
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-        save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
+    best = BestCheckpoint(run_dir / "checkpoints", save_top_k=ccfg.checkpoint.save_top_k,
+                          monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
     latest = LatestCheckpoint(run_dir / "checkpoints", every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
                               every_n_epochs=ccfg.checkpoint.every_n_epochs)
     callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), best, latest,

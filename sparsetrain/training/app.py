@@ -25,8 +25,7 @@ from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapsh
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, BestCheckpoint, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
-from sparsetrain.training.console import (ProgressLines, checkpoint_files, hide_library_deprecation_notices,
-                                          run_end_block)
+from sparsetrain.training.console import ProgressLines, checkpoint_files, hide_lightning_notices, run_end_block
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict, graphs_wanted
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
@@ -233,7 +232,7 @@ def run_identity(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
-    hide_library_deprecation_notices()
+    hide_lightning_notices()
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

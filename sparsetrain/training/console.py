@@ -18,9 +18,12 @@ from sparsetrain.training.throughput import Throughput
 log = logging.getLogger("sparsetrain")
 
 
-def hide_library_deprecation_notices() -> None:
-    """Lightning 2.6 builds torch's deprecated `LeafSpec` in every fit under recent torch: a notice for Lightning's
-    maintainers, with nothing for a user to change."""
+def hide_lightning_notices() -> None:
+    """Warnings Lightning prints on every run of a kind, with nothing for a user to change: a resumed run continues
+    in its own checkpoint folder (a fresh run is refused there), and Lightning 2.6 builds torch's deprecated
+    `LeafSpec` in every fit under recent torch (a notice for Lightning's maintainers)."""
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty",
+                            module=r"lightning\.")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.")
 

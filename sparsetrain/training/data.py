@@ -626,7 +626,7 @@ class SyntheticDataModule(_ImageClassificationDataModule):
         val_size: int = 512,
         noise_std: float = 1.0,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int = 0,
         seed: int = 0,
         augment: bool = False,
     ) -> None:

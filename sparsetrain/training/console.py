@@ -36,10 +36,13 @@ class ProgressLines(L.Callback):
         self.throughput = throughput
         self._reported_steps = 0  # entries of throughput.step_seconds that a line has covered
         self._last_line_step: Optional[int] = None
+        self._total_steps = math.inf
+
+    def on_train_start(self, trainer, pl_module):
+        self._total_steps = trainer.estimated_stepping_batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        total = trainer.estimated_stepping_batches
+        step, total = trainer.global_step, self._total_steps
         # global_step stays put over the micro-batches of gradient accumulation: one line per optimizer step
         if step == self._last_line_step or (step % self.every and step != total):
             return

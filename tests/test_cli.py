@@ -101,6 +101,7 @@ def test_wandb_runs_offline_without_account_and_keeps_its_id_on_resume(tmp_path)
     assert (run_dir / "csv" / "metrics.csv").is_file()
     proc = run_cli([*args, "resume=auto", "trainer.max_steps=28", "trainer.max_epochs=2"], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exists and is not empty" not in proc.stderr  # continuing in its own checkpoint folder is the point
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
 

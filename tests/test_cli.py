@@ -41,15 +41,17 @@ def test_a_run_writing_to_a_file_prints_progress_lines_and_ends_with_one_block(t
     out = proc.stdout
 
     for step in (5, 10):
-        assert re.search(rf"step {step}/10  epoch 0  loss \d+\.\d{{4}}  acc \d\.\d{{4}}  [\d.,]+ img/s", out), out[-3000:]
+        line = rf"step {step}/10  epoch 0  loss \d+\.\d{{4}}  acc \d\.\d{{4}}  [\d.,]+ img/s"
+        assert re.search(line, out), out[-3000:]
     block = out[out.index("run finished: fmnist_vit_24"):].splitlines()
+    checkpoint_mib = (run_dir / "checkpoints" / "last.ckpt").stat().st_size / 2**20
     assert block[1:] == [
         f"  val/acc      {summary['metrics']['val/acc']:.4f}",
         f"  val/loss     {summary['metrics']['val/loss']:.4f}",
         "  steps        10",
         block[4],
         block[5],
-        f"  checkpoints  checkpoints/last.ckpt ({(run_dir / 'checkpoints' / 'last.ckpt').stat().st_size / 2**20:.1f} MiB)",
+        f"  checkpoints  checkpoints/last.ckpt ({checkpoint_mib:.1f} MiB)",
         f"  run dir      {run_dir}",
     ]
     assert re.fullmatch(rf"  images/s     [\d.,]+ steady state \(from step {summary['steady_from_step']}\), "

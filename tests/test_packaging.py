@@ -17,8 +17,8 @@ TINY_RUN = ["recipe=fmnist_dense", "data=synthetic", "data.img_size=32", "data.b
 
 
 def pip(*args, cwd):
-    done = subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "--no-index", "--disable-pip-version-check"],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "pip", *args, "--no-deps", "--no-index", "--disable-pip-version-check"]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -301,8 +301,10 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         callbacks.append(MaskedDecay(cfg.sparsity.masked_decay))
     if ccfg.bn_recalibration_batches:
         callbacks.append(BatchNormRecalibration(ccfg.bn_recalibration_batches))
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar() if _is_terminal() else ProgressLines(ccfg.progress_every_n_steps, throughput))
+    if cfg.trainer.enable_progress_bar and _is_terminal():
+        callbacks.append(RichProgressBar())
+    elif cfg.trainer.enable_progress_bar:
+        callbacks.append(ProgressLines(ccfg.progress_every_n_steps, throughput))
     return callbacks
 
 

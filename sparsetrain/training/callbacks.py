@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as L
-import torch
 
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, mask_checksum, sparse_modules

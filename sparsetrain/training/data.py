@@ -276,13 +276,14 @@ class _ImageClassificationDataModule(LightningDataModule):
     def _loader(
         self, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False, resumable: bool = False
     ) -> DataLoader:
+        workers = self.loader_workers()
         kwargs = dict(
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=self.loader_workers(),
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.loader_workers() > 0,
+            persistent_workers=workers > 0,
             # Worker seeds come from this generator, not the global RNG, so starting an iterator (every epoch,
             # every validation) draws nothing from the RNG that dropout uses: a resumed run's draws line up.
             generator=torch.Generator().manual_seed(self.seed),

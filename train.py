@@ -1,28 +1,10 @@
-"""Train a (sparse) vision model: `python train.py recipe=fmnist_vit_24 [overrides...]`."""
-import os
-import sys
+"""Train a (sparse) vision model: `python train.py recipe=fmnist_vit_24 [overrides...]`.
 
-import hydra
-from omegaconf import DictConfig
+The same command as the installed `sparsetrain-train`, with the configs of this checkout (conf/, recipes/).
+"""
+from pathlib import Path
 
-import sparsetrain.training.resolvers  # noqa: F401  (registers ${job_dirname:...})
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig):
-    from sparsetrain.training.app import train
-    from sparsetrain.training.errors import USER_ERRORS
-
-    try:
-        summary = train(cfg)
-    except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        # One line that names the fix, not a traceback: these are mistakes in the input.
-        print(f"sparsetrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get("objective")
-
+from sparsetrain.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(config_dir=Path(__file__).resolve().parent / "conf")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -78,9 +79,18 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, config: str | Path
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(out / WEIGHTS_FILE))
+    give_new_file_permissions(out / WEIGHTS_FILE)
     metadata = export_metadata(cfg, model, fmt, storage, checkpoint, config_path, ckpt.get("global_step"))
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
     return out
+
+
+def give_new_file_permissions(path: Path) -> None:
+    """The mode any new file gets (0666 less the umask: 0644 under the usual 022). safetensors writes through a
+    temporary file of its own, created 0600, which would leave the exported model unreadable to everyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ FIGURES = "figures"
 DPI = 110
 LEGEND_CHARS_PER_INCH = 10  # 10 pt legend text
 LEGEND_ROW_INCHES = 0.22
+TITLE_CHARS_PER_INCH = 9  # 12 pt title text
+LEGEND_LABEL_CHARS = 36  # a legend beside the axes: longer labels wrap instead of squeezing the plot
 
 # What a method is called in tables and legends, and the fraction of weights it prunes.
 METHOD_NAMES = {"dense": "dense", "semi24": "2:4", "act24": "act 2:4"}
@@ -42,6 +45,13 @@ METHOD_ORDER = ["dense", "2:4", "act 2:4", "block/magnitude", "block/DRESS"]
 PATTERN_COLORS = {"semi24": "tab:blue", "act24": "tab:orange", "block": "tab:green", "dense": "tab:gray"}
 BLOCK_SIZE_MARKERS = ["s", "^", "D", "v", "P", "X", "*"]
 NO_BLOCK_MARKER = "o"
+
+# Settings that say where a run lives or how it was started, not what it trains.
+PLACE_KEYS = ("run_name", "resume", "force_resume")
+PLACE_PREFIXES = ("paths.",)
+# Drawn as the x axis and the marker of the accuracy-against-sparsity plot, not told apart by its lines.
+LEVEL_KEY = "sparsity.sparsity"
+BLOCK_SIZE_KEY = "sparsity.block_size"
 
 RUN_DIR_HINT = "a run directory written by train.py (with summary.json) or a sweep root (runs/sweeps/NAME)"
 
@@ -87,6 +97,56 @@ class Run:
     @property
     def val_acc(self) -> Optional[float]:
         return self.summary.get("metrics", {}).get("val/acc")
+
+    @property
+    def settings(self) -> dict:
+        """The resolved config as dotted keys."""
+        return flatten(self.config)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def differing_settings(runs: list) -> list:
+    """Dotted config keys whose values differ between the runs, leaving out the seed (and values that follow
+    it, such as data.seed) and where each run lives (run name, paths, values inside the run's own directory)."""
+    flats = [run.settings for run in runs]
+    keys = dict.fromkeys(key for flat in flats for key in flat)
+    return [key for key in keys
+            if len({repr(flat.get(key)) for flat in flats}) > 1
+            and key not in PLACE_KEYS and not key.startswith(PLACE_PREFIXES)
+            and not all(flat.get(key) == flat.get("seed") for flat in flats)
+            and not all(_inside(flat.get(key), flat.get("paths.run_dir")) for flat in flats)]
+
+
+def _inside(value, run_dir) -> bool:
+    return isinstance(value, str) and isinstance(run_dir, str) and Path(run_dir) in (Path(value), *Path(value).parents)
+
+
+def comparison_groups(runs: list) -> dict:
+    """Runs that differ only in the seed and the sparsity level, by a label: the method, plus the settings that
+    tell runs of one method apart (an LR sweep's optim.lr, ...). Each group is one line of the accuracy plot,
+    and only its seeds are averaged."""
+    keys = [key for key in differing_settings(runs) if key != LEVEL_KEY]
+    by_method = defaultdict(list)
+    for run in runs:
+        by_method[(run.method, run.block_size)].append(run.settings)
+    # Settings that change only with the method (the pattern, its options, the recipe) are in its name already.
+    told_apart = [key for key in keys if key != BLOCK_SIZE_KEY and any(
+        len({repr(flat.get(key)) for flat in flats}) > 1 for flats in by_method.values())]
+    groups = defaultdict(list)
+    for run in sorted(runs, key=lambda run: _method_rank(run.method)):
+        flat = run.settings
+        label = ", ".join([run.method, *(f"{key}={flat.get(key)}" for key in told_apart)])
+        groups[label].append(run)
+    return dict(groups)
 
 
 # ---------------------------------------------------------------- reading run directories
@@ -204,6 +264,11 @@ def legend_grid(labels: list, figure_width_in: float) -> tuple:
     return columns, math.ceil(len(labels) / columns)
 
 
+def fitted_title(text: str, figure_width_in: float) -> str:
+    """The title wrapped to the figure's width (a sweep job's label alone can be wider)."""
+    return textwrap.fill(text, width=int(figure_width_in * TITLE_CHARS_PER_INCH), break_on_hyphens=False)
+
+
 def plot_curves(runs: list, path: Path) -> None:
     """Loss and accuracy against step; train solid, val dashed with dots, one color per run."""
     panels = [("loss", "train/loss", "val/loss"), ("accuracy", "train/acc", "val/acc")]
@@ -246,7 +311,7 @@ def plot_flip_rate(runs: list, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def plot_layer_sparsity(run: Run, path: Path) -> None:
+def plot_layer_sparsity(run: Run, path: Path) -> Figure:
     """One bar per layer with a measured sparsity, in model order; the dashed line is the target."""
     layers = [layer for layer in run.summary.get("layers", []) if layer.get("measured_sparsity") is not None]
     if not layers:
@@ -268,32 +333,36 @@ def plot_layer_sparsity(run: Run, path: Path) -> None:
     # Below the axes: inside, it would cover the value labels of bars near 1.
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     note = f"; {unmeasured} dense layers not shown" if unmeasured else ""
-    ax.set(title=f"{run.label}: measured sparsity per layer{note}", xlabel="fraction of weights pruned")
+    ax.set(title=fitted_title(f"{run.label}: measured sparsity per layer{note}", figure_width_in=8),
+           xlabel="fraction of weights pruned")
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=DPI)
+    return fig
 
 
 def plot_accuracy_vs_sparsity(runs: list, path: Path) -> None:
-    """Final val/acc against sparsity level: one color per method, one marker per block size; a line
-    joins the mean accuracy at each level of one method and block size."""
+    """Final val/acc against sparsity level: one color per group of runs alike but for the seed and the level
+    (comparison_groups), one marker per block size; a line joins a group's mean accuracy at each level, and a
+    dense group's mean is a dotted line across."""
     plotted = [run for run in runs if run.level is not None and run.val_acc is not None]
     if len(plotted) < 2:
         raise NothingToPlot(f"needs val/acc in {SUMMARY} and a known sparsity level for two or more runs")
-    methods = sorted({run.method for run in plotted}, key=_method_rank)
+    groups = comparison_groups(plotted)
     block_sizes = sorted({run.block_size for run in plotted if run.block_size is not None})
     marker_of = {None: NO_BLOCK_MARKER, **{b: BLOCK_SIZE_MARKERS[i % len(BLOCK_SIZE_MARKERS)]
                                           for i, b in enumerate(block_sizes)}}
     fig = Figure(figsize=(8.5, 4.6), layout="constrained")
     ax = fig.add_subplot()
     handles = []
-    for method, color in zip(methods, run_colors(len(methods))):
-        for block_size in dict.fromkeys(run.block_size for run in plotted if run.method == method):
-            group = [run for run in plotted if run.method == method and run.block_size == block_size]
-            _plot_mean_by_level(ax, group, color=color, marker=marker_of[block_size])
-        handles.append(Line2D([], [], color=color, linewidth=2.5, label=method))
-    if "dense" in methods:
-        dense_acc = fmean(run.val_acc for run in plotted if run.method == "dense")
-        handles.append(ax.axhline(dense_acc, color="gray", linestyle=":", linewidth=1, label="dense baseline"))
+    for (label, group), color in zip(groups.items(), run_colors(len(groups))):
+        for block_size in dict.fromkeys(run.block_size for run in group):
+            _plot_mean_by_level(ax, [run for run in group if run.block_size == block_size], color=color,
+                                marker=marker_of[block_size])
+        if all(run.method == "dense" for run in group):
+            ax.axhline(fmean(run.val_acc for run in group), color=color, linestyle=":", linewidth=1)
+        handles.append(Line2D([], [], color=color, linewidth=2.5, label=textwrap.fill(label, LEGEND_LABEL_CHARS)))
+    if any(run.method == "dense" for run in plotted):
+        handles.append(Line2D([], [], color="gray", linestyle=":", linewidth=1, label="dense baseline"))
     if block_sizes:
         handles += [Line2D([], [], color="black", linestyle="", marker=marker_of[b], label=f"block size {b}")
                     for b in block_sizes]

@@ -28,7 +28,7 @@ def layer_rows(run_dir) -> dict:
 
 
 def test_block_size_that_does_not_divide_a_layer_leaves_it_dense_with_the_reason(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sparsetrain")
+    caplog.set_level(logging.DEBUG, logger="sparsetrain")
     # 48 divides neither 64 nor 256: every MLP linear of the 64-wide ViT stays dense, and training goes on
     summary = train(compose_cfg(["recipe=fmnist_vit_block", *TINY, *SMALL_VIT, "sparsity.block_size=48"], tmp_path))
     assert summary["global_step"] == 2
@@ -38,7 +38,7 @@ def test_block_size_that_does_not_divide_a_layer_leaves_it_dense_with_the_reason
 
 
 def test_layer_shape_that_2to4_cannot_serve_stays_dense_with_the_reason(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sparsetrain")
+    caplog.set_level(logging.DEBUG, logger="sparsetrain")
     # width 66: qkv (198x66) has an input dim that is not a multiple of 4, fc2 (66x264) an output dim, which
     # a transposable mask needs; the run trains on with those layers dense
     summary = train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "model.depth=1", "model.embed_dim=66",

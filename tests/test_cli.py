@@ -1,5 +1,8 @@
-"""train.py as a user runs it: one-line errors, multirun sweeps with a summary table, wandb offline."""
+"""train.py as a user runs it: what a run prints, one-line errors, multirun sweeps with a summary table, wandb
+offline."""
 import json
+import re
+from collections import Counter
 
 import yaml
 
@@ -19,6 +22,49 @@ def test_run_prints_layer_table_and_writes_summary(tmp_path):
     assert summary["global_step"] == 2 and "images_per_second" in summary
     assert "layers are sparse" in proc.stdout
     assert "blocks.0.mlp.fc1" in proc.stdout
+
+
+# A run whose output goes to a file: the default progress bar setting and data workers, 10 steps that end before
+# the first validation (16 batches per epoch), a progress line every 5 steps.
+LOGGED_RUN = ["recipe=fmnist_vit_24", "data=synthetic", "data.img_size=32", "data.batch_size=4", "data.train_size=64",
+              "data.val_size=16", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=10",
+              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=5", "callbacks.progress_every_n_steps=5",
+              "model.depth=1", "sched.warmup_steps=0"]
+HYDRA_LOG_LINE = re.compile(r"^\[[^]]+\]\[[^]]+\]\[[A-Z]+\] - (.*)$")
+
+
+def test_a_run_writing_to_a_file_prints_progress_lines_and_ends_with_one_block(tmp_path):
+    proc = run_cli([*LOGGED_RUN, f"paths.root={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "fmnist_vit_24" / "default"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out = proc.stdout
+
+    for step in (5, 10):
+        line = rf"step {step}/10  epoch 0  loss \d+\.\d{{4}}  acc \d\.\d{{4}}  [\d.,]+ img/s"
+        assert re.search(line, out), out[-3000:]
+    block = out[out.index("run finished: fmnist_vit_24"):].splitlines()
+    checkpoint_mib = (run_dir / "checkpoints" / "last.ckpt").stat().st_size / 2**20
+    assert block[1:] == [
+        f"  val/acc      {summary['metrics']['val/acc']:.4f}",
+        f"  val/loss     {summary['metrics']['val/loss']:.4f}",
+        "  steps        10",
+        block[4],
+        block[5],
+        f"  checkpoints  checkpoints/last.ckpt ({checkpoint_mib:.1f} MiB)",
+        f"  run dir      {run_dir}",
+    ]
+    assert re.fullmatch(rf"  images/s     [\d.,]+ steady state \(from step {summary['steady_from_step']}\), "
+                        r"[\d.,]+ over the whole run", block[4]), block[4]
+    assert re.fullmatch(r"  wall time    [\dhms. ]+", block[5]), block[5]
+
+    messages = [m.group(1) for line in out.splitlines() if (m := HYDRA_LOG_LINE.match(line))]
+    assert messages and not [m for m, n in Counter(messages).items() if n > 1]
+    assert out.count("linear/conv layers are sparse") == 1  # the layer table, without a log line per layer
+    assert not [m for m in messages if m.startswith("sparsify ")]
+    assert "\r" not in out  # no progress bar redrawing a line
+    # Lightning's records reach the console once (through Hydra's handler), and no warning is printed.
+    assert proc.stderr == ""
 
 
 def test_multirun_runs_each_job_in_its_own_directory_with_a_summary_table(tmp_path):
@@ -57,6 +103,7 @@ def test_wandb_runs_offline_without_account_and_keeps_its_id_on_resume(tmp_path)
     assert (run_dir / "csv" / "metrics.csv").is_file()
     proc = run_cli([*args, "resume=auto", "trainer.max_steps=28", "trainer.max_epochs=2"], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exists and is not empty" not in proc.stderr  # continuing in its own checkpoint folder is the point
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
 

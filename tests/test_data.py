@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities import suggested_max_num_workers
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -323,3 +324,15 @@ def test_fashion_mnist_yaml_instantiates(fashion_cache):
     data = instantiate(compose("fashion_mnist.yaml", cache_dir=str(fashion_cache)).data)
     assert isinstance(data, FashionMNISTDataModule)
     assert (data.num_classes, data.channels, data.img_size, data.seed) == (10, 1, 28, 0)
+
+
+def test_loaders_run_at_most_the_workers_the_machine_has_cores_for():
+    def val_workers(num_workers):
+        data = SyntheticDataModule(train_size=8, val_size=8, batch_size=4, img_size=8, channels=1,
+                                   num_workers=num_workers)
+        data.setup("fit")
+        return data.val_dataloader().num_workers
+
+    assert val_workers(10_000) == suggested_max_num_workers(1) < 10_000
+    assert val_workers(1) == 1
+    assert val_workers(0) == 0

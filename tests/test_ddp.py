@@ -39,6 +39,12 @@ def agreement_lines(out: str) -> list:
     return [(int(step), [int(a), int(b)]) for step, a, b in found]
 
 
+def ranks_agreeing(run_dir) -> list:
+    """(step, value) of each metrics.csv row with sparsity/ranks_agreeing."""
+    rows = read_metric_rows(run_dir / "csv" / "metrics.csv")
+    return [(int(r["step"]), r["sparsity/ranks_agreeing"]) for r in rows if "sparsity/ranks_agreeing" in r]
+
+
 def digest_of_checkpoint(path, cfg) -> int:
     model = instantiate(cfg.model)
     build_sparsity(model, cfg.sparsity)
@@ -52,9 +58,8 @@ def test_ddp_ranks_hold_the_same_masks_and_resume_restores_them_on_every_rank(tm
     run_dir = root / "fmnist_vit_24" / "default"
     out = run_ddp([*DDP, "trainer.max_steps=3", f"paths.root={root}"], tmp_path)
     assert agreement_lines(out)[0][0] == 0
-    rows = [r for r in read_metric_rows(run_dir / "csv" / "metrics.csv") if "train/loss" in r]
     # every step: the digests of both ranks were gathered and matched rank 0's
-    assert [r.get("sparsity/ranks_agreeing") for r in rows] == ["2.0"] * 3
+    assert ranks_agreeing(run_dir) == [(step, "2.0") for step in range(3)]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["last.ckpt"]  # saved once
     saved = digest_of_checkpoint(run_dir / "checkpoints" / "last.ckpt", compose_cfg(DDP, run_dir))
 
@@ -64,7 +69,7 @@ def test_ddp_ranks_hold_the_same_masks_and_resume_restores_them_on_every_rank(tm
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 5
     rows = [r for r in read_metric_rows(run_dir / "csv" / "metrics.csv") if "train/loss" in r]
     assert [int(r["step"]) for r in rows] == list(range(5))
-    assert all(r.get("sparsity/ranks_agreeing") == "2.0" for r in rows)
+    assert ranks_agreeing(run_dir) == [(step, "2.0") for step in range(5)]
 
 
 def test_mask_checksum_tells_transposable_masks_apart_and_disagreement_stops_the_run():

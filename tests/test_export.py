@@ -2,6 +2,7 @@
 exported model computes what the training model computed, the files are as small as the sparsity says, and
 bad inputs get one line that names the fix."""
 import json
+import os
 import subprocess
 import sys
 
@@ -154,6 +155,16 @@ def test_metadata_says_what_was_exported(runs, exports, pattern, fmt):
         assert all(layer["block_size"] == 16 and layer["sparsity"] == pytest.approx(1 - 51 / 256) for layer in sparse)
     else:
         assert all(layer["sparsity"] == pytest.approx(0.5) for layer in sparse)
+
+
+def test_exported_files_get_the_permissions_of_any_new_file(runs, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = export(runs["semi24"][0] / "checkpoints" / "last.ckpt", "semi24", tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()} == {
+        "model.safetensors": "0o644", "metadata.json": "0o644"}
 
 
 def test_semi24_layout_round_trips_rows_not_a_multiple_of_8():

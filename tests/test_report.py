@@ -11,8 +11,9 @@ import pytest
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib import image as mpimg
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from sparsetrain.report import main
+from sparsetrain.report import comparison_groups, find_run_dirs, load_runs, main, plot_layer_sparsity
 from sparsetrain.training.sweep import write_sweep_summary
 
 STEPS_PER_EPOCH = 100
@@ -77,12 +78,13 @@ def write_metrics(run_dir, final_acc, level, sparse_layers, flip_rate=True):
 
 
 def make_run(run_dir, recipe, pattern, level=None, block_size=None, criterion="magnitude", final_acc=0.85,
-             flip_rate=True):
+             flip_rate=True, seed=0, lr=1e-3):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True)
     sparsity = sparsity_config(pattern, level, block_size, criterion)
-    config = {"seed": 0, "recipe_name": recipe, "run_name": run_dir.name, "objective": "val/acc",
-              "model": {"name": "vit_fmnist"}, "sparsity": sparsity, "trainer": {"max_epochs": EPOCHS},
+    config = {"seed": seed, "recipe_name": recipe, "run_name": run_dir.name, "objective": "val/acc",
+              "data": {"batch_size": 128, "seed": seed}, "model": {"name": "vit_fmnist"}, "optim": {"lr": lr},
+              "sparsity": sparsity, "trainer": {"max_epochs": EPOCHS, "default_root_dir": str(run_dir)},
               "paths": {"root": "runs", "run_dir": str(run_dir)}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     layers = layer_records(sparsity)
@@ -155,6 +157,44 @@ def test_several_runs_compare_methods_in_common_parent(tmp_path, method_runs):
     assert len([p for p in pngs if p.name.startswith("layers_")]) == len(method_runs) - 1  # dense has none
     for png in pngs:
         assert_real_png(png)
+
+
+def test_runs_alike_but_for_the_method_group_by_method(method_runs):
+    groups = comparison_groups(load_runs(method_runs))
+
+    assert list(groups) == ["dense", "2:4", "block/magnitude", "block/DRESS"]
+    assert {run.block_size for run in groups["block/DRESS"]} == {16, 32}  # told apart by marker, not by line
+
+
+def test_lr_sweep_gets_one_group_per_lr_averaging_only_its_seeds(tmp_path):
+    sweep = tmp_path / "runs" / "sweeps" / "lr"
+    for lr, acc in ((1e-3, 0.88), (3e-3, 0.80)):
+        for seed in (0, 1):
+            make_run(sweep / f"optim.lr={lr},seed={seed}", "fmnist_vit_24", "semi24", final_acc=acc + seed / 100,
+                     seed=seed, lr=lr)
+            make_run(sweep / f"optim.lr={lr},recipe=fmnist_dense,seed={seed}", "fmnist_dense", "dense",
+                     final_acc=0.9, flip_rate=False, seed=seed, lr=lr)
+
+    groups = comparison_groups(load_runs(find_run_dirs([sweep])))
+
+    assert {label: sorted((run.config["optim"]["lr"], run.config["seed"]) for run in runs)
+            for label, runs in groups.items()} == {
+        "dense, optim.lr=0.001": [(1e-3, 0), (1e-3, 1)], "dense, optim.lr=0.003": [(3e-3, 0), (3e-3, 1)],
+        "2:4, optim.lr=0.001": [(1e-3, 0), (1e-3, 1)], "2:4, optim.lr=0.003": [(3e-3, 0), (3e-3, 1)]}
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert_real_png(tmp_path / "out" / "figures" / "accuracy_vs_sparsity.png")
+
+
+def test_a_long_run_label_wraps_inside_the_layer_plot(tmp_path):
+    job = ",".join(f"sparsity.option_{i}=value_{i}" for i in range(8))
+    run_dir = make_run(tmp_path / "runs" / "sweeps" / "long" / job, "fmnist_vit_24", "semi24")
+    run = load_runs([run_dir])[0]
+
+    fig = plot_layer_sparsity(run, tmp_path / "layers.png")
+
+    title = fig.axes[0].title.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert "\n" in fig.axes[0].get_title()
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width, (title, fig.bbox)
 
 
 def test_sweep_root_stands_for_its_jobs(tmp_path):

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from sparsetrain.training.app import train
 from sparsetrain.training.data import EpochSeededSampler, SeededAugmentation, SyntheticDataModule
+from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import ROOT, compose_cfg
 from tests.resume_helpers import (BATCHES_PER_EPOCH, ONE_THREAD, RECIPE_OVERRIDES, STEPS, assert_runs_identical,
                                   load, logged_steps, one_thread, overrides, resume_path, send_and_wait, start_cli,
@@ -72,6 +73,15 @@ def test_a_kill_between_a_checkpoint_and_its_log_row_loses_no_row(tmp_path, tmp_
     summary = train(compose_cfg([*overrides(recipe), "resume=auto"], run_dir))
     assert summary["global_step"] == STEPS
     assert_runs_identical(straight, run_dir, 4, recipe)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_OVERRIDES))
+def test_metrics_measured_every_k_steps_have_rows_at_those_steps_only(recipe, tmp_path_factory):
+    # the runs measure sparsity every 3 steps and log the training values every step
+    rows = read_metric_rows(straight_run(recipe, tmp_path_factory) / "csv" / "metrics.csv")
+    for name in ("sparsity/flip_rate", "sparsity/mask_checksum", "sparsity/layer/blocks.0.mlp.fc1"):
+        assert [int(row["step"]) for row in rows if name in row] == list(range(0, STEPS, 3)), name
+    assert [int(row["step"]) for row in rows if "train/loss" in row] == list(range(STEPS))
 
 
 def test_train_loader_resumes_mid_epoch_with_exactly_the_remaining_batches():

@@ -108,7 +108,7 @@ def test_skip_dense_by_default_can_be_turned_off_and_the_model_can_name_its_own(
 
 def test_shapes_2_4_cannot_serve_stay_dense_with_a_logged_reason(caplog):
     model = OddShapes()
-    with caplog.at_level(logging.INFO, logger="sparsetrain"):
+    with caplog.at_level(logging.DEBUG, logger="sparsetrain"):
         records = sparsify_(model, Semi24Config())
     reasons = {r["name"]: r["reason"] for r in records}
     assert reasons["odd"] == "dense: in_features 10 is not a multiple of 4 (2:4 groups run along the input dim)"

@@ -165,8 +165,9 @@ def sparsify_(
             setattr(parent, name.rpartition(".")[2], sparse)
             record = LayerRecord(name=name, kind=sparse.kind, shape=tuple(sparse.weight.shape),
                                  pattern=sparse.pattern, backend=sparse.backend_name, reason=sparse.backend_reason)
-        logger.info("sparsify %s %s %s -> %s [%s] %s", name, record["kind"], "x".join(map(str, record["shape"])),
-                    record["pattern"], record["backend"], record["reason"])
+        # Debug level: the layer table printed after the first step says the same once, with measured sparsity.
+        logger.debug("sparsify %s %s %s -> %s [%s] %s", name, record["kind"], "x".join(map(str, record["shape"])),
+                     record["pattern"], record["backend"], record["reason"])
         records.append(record)
     return records
 

@@ -10,7 +10,7 @@ import lightning.pytorch as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from sparsetrain import kernels
@@ -22,9 +22,10 @@ from sparsetrain.sparse.sparsify import layer_table, sparsify_
 from sparsetrain.training.bn_recalibration import BatchNormRecalibration
 from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, WandbRunInfo,
                                             merge_records)
-from sparsetrain.training.checkpoints import (AtomicCheckpointIO, LatestCheckpoint, check_compatible,
+from sparsetrain.training.checkpoints import (AtomicCheckpointIO, BestCheckpoint, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import COMPILE_MODES, CompileModel
+from sparsetrain.training.console import ProgressLines, checkpoint_files, hide_lightning_notices, run_end_block
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict, graphs_wanted
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
@@ -231,6 +232,7 @@ def run_identity(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
+    hide_lightning_notices()
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,9 @@ def train(cfg: DictConfig) -> dict:
     throughput = Throughput(csv_path=run_dir / "step_times.csv")
     callbacks = build_callbacks(cfg, run_dir, records, throughput, datamodule)
     loggers = build_loggers(cfg.logger, run_dir, run_label=f"{cfg.get('recipe_name')}/{run_dir.name}")
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    # Without a terminal ProgressLines stands in for the bar, and Lightning would add its own bar otherwise.
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                    enable_progress_bar=cfg.trainer.enable_progress_bar and _is_terminal())
     module.checkpoint_identity = identity
     started = time.time()
     with exit_on_preemption():
@@ -264,6 +268,8 @@ def train(cfg: DictConfig) -> dict:
             # max_steps ended mid-epoch: summary.json must report the model as it ends, not an older one
             trainer.validate(module, datamodule=datamodule, verbose=False)
     summary = write_summary(cfg, run_dir, trainer, module, records, throughput, time.time() - started)
+    if trainer.is_global_zero:
+        print(run_end_block(summary, checkpoint_files(run_dir), cfg.objective), flush=True)
     hint = wandb_sync_hint(run_dir) if "wandb" in (cfg.logger or {}) else ""
     if hint and trainer.is_global_zero:
         print(f"wandb ran offline; to upload: {hint}")
@@ -278,9 +284,8 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
     # Two savers: the best ones by the monitored metric after each validation, and last.ckpt (what resume=auto
     # continues from) on schedule whatever the metrics. One saver doing both would write nothing until the
     # first validation: Lightning defers a save whose monitored metric does not exist yet.
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-        save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
+    best = BestCheckpoint(run_dir / "checkpoints", save_top_k=ccfg.checkpoint.save_top_k,
+                          monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
     latest = LatestCheckpoint(run_dir / "checkpoints", every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
                               every_n_epochs=ccfg.checkpoint.every_n_epochs)
     callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), best, latest,
@@ -296,8 +301,10 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         callbacks.append(MaskedDecay(cfg.sparsity.masked_decay))
     if ccfg.bn_recalibration_batches:
         callbacks.append(BatchNormRecalibration(ccfg.bn_recalibration_batches))
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar() if _is_terminal() else TQDMProgressBar(refresh_rate=50))
+    if cfg.trainer.enable_progress_bar and _is_terminal():
+        callbacks.append(RichProgressBar())
+    elif cfg.trainer.enable_progress_bar:
+        callbacks.append(ProgressLines(ccfg.progress_every_n_steps, throughput))
     return callbacks
 
 

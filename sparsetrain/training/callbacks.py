@@ -8,7 +8,7 @@ import lightning.pytorch as L
 
 from sparsetrain.sparse.schedules import PruneSchedule
 from sparsetrain.sparse.sparsify import layer_table, mask_checksum, sparse_modules
-from sparsetrain.training.loggers import device_scalar
+from sparsetrain.training.loggers import device_scalar, log_measured
 
 log = logging.getLogger("sparsetrain")
 
@@ -17,8 +17,9 @@ PHASE_CODES = {"dense_warmup": 0, "pruning": 1, "sparse": 2, "dense_finetune": 3
 
 class SparsityScheduler(L.Callback):
     """Applies PruneSchedule.phase(step) to every sparse layer before each training step, and logs
-    the phase, the level, the mask flip rate (fraction of mask entries changed per mask update, averaged
-    over the updates since the last log) and each layer's measured sparsity.
+    the phase and the level every step, and every `log_every` steps (at those steps only) the mask flip rate
+    (fraction of mask entries changed per mask update, averaged over the updates since the last log) and each
+    layer's measured sparsity.
 
     Masks are computed from the weights every rank holds after the synchronized optimizer step, so
     DDP ranks agree without communication; `mask_checksum` is logged to prove it.
@@ -29,7 +30,7 @@ class SparsityScheduler(L.Callback):
         self.log_every = max(1, int(log_every))
         self._model = None
         self._layers = []  # found once at fit start: walking a ViT-L's modules each step costs ~0.3 ms of host time
-        self._last_logs, self._last_logs_epoch, self._restored_logs = {}, None, None
+        self._measured_at = None
 
     def setup(self, trainer, pl_module, stage):
         self._model = pl_module.model
@@ -37,13 +38,11 @@ class SparsityScheduler(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         self._layers = [module for _, module in sparse_modules(pl_module.model)]
 
-    # A resumed run logs exactly what an uninterrupted one does: flips since the last log sit in a
-    # non-persistent buffer, and Lightning repeats the last logged values in every later row of the epoch from
-    # a cache that a restart empties; both travel in the checkpoint.
+    # A resumed run logs exactly what an uninterrupted one does: the flips since the last log sit in a
+    # non-persistent buffer, so they travel in the checkpoint here.
     def state_dict(self) -> dict:
         layers = sparse_modules(self._model) if self._model is not None else []
-        return {"pending_flips": [int(module.flip_count) for _, module in layers],
-                "last_logs": dict(self._last_logs), "last_logs_epoch": self._last_logs_epoch}
+        return {"pending_flips": [int(module.flip_count) for _, module in layers]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         layers = sparse_modules(self._model) if self._model is not None else []
@@ -51,7 +50,6 @@ class SparsityScheduler(L.Callback):
         if len(flips) == len(layers):
             for (_, module), count in zip(layers, flips):
                 module.flip_count.fill_(count)
-        self._restored_logs = (state_dict.get("last_logs") or {}, state_dict.get("last_logs_epoch"))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
@@ -62,13 +60,11 @@ class SparsityScheduler(L.Callback):
         pl_module.log("sparsity/level", device_scalar(phase.level, pl_module.device))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        restored, self._restored_logs = self._restored_logs, None
-        # global_step already counts this step: log at the first step and every log_every after
-        if (trainer.global_step - 1) % self.log_every:
-            if restored and restored[0] and restored[1] == trainer.current_epoch:
-                for name, value in restored[0].items():
-                    pl_module.log(name, value)
+        # global_step already counts this step: measure at the first step and every log_every after, once per
+        # optimizer step (it stays put over the micro-batches of gradient accumulation)
+        if (trainer.global_step - 1) % self.log_every or trainer.global_step == self._measured_at:
             return
+        self._measured_at = trainer.global_step
         layers = sparse_modules(pl_module.model)
         if not layers:
             return
@@ -81,9 +77,7 @@ class SparsityScheduler(L.Callback):
             if row["pattern"] != "dense" and row.get("measured_sparsity") is not None:
                 logs[f"sparsity/layer/{row['name']}"] = float(row["measured_sparsity"])
         logs["sparsity/mask_checksum"] = float(mask_checksum(pl_module.model) % (1 << 24))
-        for name, value in logs.items():
-            pl_module.log(name, value)
-        self._last_logs, self._last_logs_epoch = logs, trainer.current_epoch
+        log_measured(trainer, logs)
 
 
 class MaskedDecay(L.Callback):

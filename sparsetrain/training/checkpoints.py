@@ -64,6 +64,29 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Keeps the `save_top_k` best checkpoints by `monitor` (checkpoints/step*.ckpt), ranked right after a validation.
+
+    Lightning ranks at the end of every training epoch by the last value logged; an epoch that max_steps cuts
+    short runs no validation, so that value would be an older model's, or missing (a warning) in a run that
+    stops before its first validation. Such an epoch end is not ranked.
+    """
+
+    def __init__(self, dirpath, save_top_k: int, monitor: Optional[str], mode: str):
+        super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
+                         save_top_k=save_top_k, monitor=monitor, mode=mode)
+        self.validated_at_step: Optional[int] = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated_at_step = trainer.global_step
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.monitor is None or self.validated_at_step == trainer.global_step:
+            super().on_train_epoch_end(trainer, pl_module)
+
+
 def is_final_step(trainer) -> bool:
     if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
         return True

@@ -9,6 +9,8 @@ import lightning.pytorch as L
 import torch
 
 from sparsetrain.sparse.sparsify import mask_checksum, sparse_modules
+from sparsetrain.training.loggers import log_measured
+
 
 class MaskDivergenceError(RuntimeError):
     pass
@@ -38,7 +40,7 @@ class MaskAgreement(L.Callback):
         digests = self._gather(trainer, pl_module)
         if digests is None:
             return
-        pl_module.log("sparsity/ranks_agreeing", float(sum(c == digests[0] for c in digests)))
+        log_measured(trainer, {"sparsity/ranks_agreeing": float(sum(c == digests[0] for c in digests))})
         _require_agreement(digests, trainer.global_step, "after the mask update")
 
     @staticmethod

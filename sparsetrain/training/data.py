@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities import suggested_max_num_workers
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
@@ -275,13 +276,14 @@ class _ImageClassificationDataModule(LightningDataModule):
     def _loader(
         self, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False, resumable: bool = False
     ) -> DataLoader:
+        workers = self.loader_workers()
         kwargs = dict(
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             # Worker seeds come from this generator, not the global RNG, so starting an iterator (every epoch,
             # every validation) draws nothing from the RNG that dropout uses: a resumed run's draws line up.
             generator=torch.Generator().manual_seed(self.seed),
@@ -289,6 +291,12 @@ class _ImageClassificationDataModule(LightningDataModule):
         if resumable:
             return ResumableDataLoader(dataset, position=self._train_position, **kwargs)
         return DataLoader(dataset, **kwargs)
+
+    def loader_workers(self) -> int:
+        """`num_workers`, capped at what the machine has: the cores this process may use, shared among the devices
+        of the node, less one per device for the process that trains (more workers only queue for a core)."""
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return min(self.num_workers, suggested_max_num_workers(devices))
 
     def _train_position(self) -> tuple[int, int] | None:
         """(epoch, batches whose training step finished in it) of the attached trainer's fit, else None."""

@@ -1,5 +1,5 @@
 """The exceptions that mean "the input is wrong" (config, data path, checkpoint), as opposed to bugs.
-train.py prints these as one line naming the fix; HYDRA_FULL_ERROR=1 shows the traceback."""
+sparsetrain.cli prints these as one line naming the fix; HYDRA_FULL_ERROR=1 shows the traceback."""
 from sparsetrain.training.app import ConfigError
 from sparsetrain.training.checkpoints import CheckpointError
 

@@ -19,6 +19,20 @@ def device_scalar(value: float, device: torch.device) -> torch.Tensor:
     return torch.full((), float(value), device=device)
 
 
+def log_measured(trainer, metrics: dict) -> None:
+    """Hands metrics measured at this training step to every logger, at this step only. Call it from
+    on_train_batch_end.
+
+    `LightningModule.log` keeps a step value and hands it to the loggers again at every later logging step of the
+    epoch, so a metric measured every k steps would fill the rows in between with stale copies.
+    """
+    # The step Lightning logs this batch's own values at: global_step already counts the batch here.
+    step = trainer.global_step - 1
+    for logger in trainer.loggers:
+        logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
+        logger.save()
+
+
 def wandb_credentials_present() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True

@@ -79,8 +79,9 @@ class SparseClassifier(L.LightningModule):
         self.loss_watch.record(loss, self.trainer.strategy, self.global_step, x)
         self.train_acc(logits.detach(), y)
         # Lightning reads progress-bar values on the host after every batch, which waits for the GPU's whole
-        # queue: only worth it when a bar shows them (runs with trainer.enable_progress_bar=false, as on
-        # SLURM and in benchmarks, keep the GPU fed; the logger still gets both every log_every_n_steps).
+        # queue: only worth it when a bar shows them (output to a file gets progress lines, read every N steps;
+        # runs with trainer.enable_progress_bar=false, as in benchmarks, keep the GPU fed; the logger still gets
+        # both every log_every_n_steps).
         shown = self.trainer.progress_bar_callback is not None
         self.log("train/loss", loss, prog_bar=shown)
         self.log("train/acc", self.train_acc, prog_bar=shown, on_step=True, on_epoch=False)

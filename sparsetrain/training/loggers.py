@@ -20,8 +20,8 @@ def device_scalar(value: float, device: torch.device) -> torch.Tensor:
 
 
 def log_measured(trainer, metrics: dict) -> None:
-    """Hands metrics measured at this training step to every logger, at this step only. Call it from
-    on_train_batch_end.
+    """Hands metrics measured at the last finished training step to every logger, at that step only. Call it
+    from on_train_batch_end, or from the next on_train_batch_start.
 
     `LightningModule.log` keeps a step value and hands it to the loggers again at every later logging step of the
     epoch, so a metric measured every k steps would fill the rows in between with stale copies.

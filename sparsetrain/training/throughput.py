@@ -22,6 +22,7 @@ import lightning.pytorch as L
 import torch
 
 from sparsetrain.training.flops import dense_forward_flops
+from sparsetrain.training.loggers import log_measured
 
 
 class _Clock:
@@ -73,7 +74,7 @@ class Throughput(L.Callback):
         self._open = (mark, int(batch[0].shape[0]), True)
         self._read_completed()
         if len(self.step_seconds) - self._logged >= self.window:
-            self._log_window(pl_module)
+            self._log_window(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.train_flops_per_image is None:
@@ -106,18 +107,20 @@ class Throughput(L.Callback):
             self.step_seconds.append(self._clock.seconds(start, end) if counts else float("nan"))
             self.step_images.append(images)
 
-    def _log_window(self, pl_module) -> None:
+    def _log_window(self, trainer, pl_module) -> None:
+        """The median step of the steps read since the last window, at the last finished step only."""
         recent = [s for s in self.step_seconds[self._logged:] if s == s]
         images = self.step_images[self._logged:]
         self._logged = len(self.step_seconds)
         if not recent:
             return
         rate = statistics.median(images) / statistics.median(recent)
-        pl_module.log("perf/images_per_s", rate)
+        metrics = {"perf/images_per_s": rate}
         if self.train_flops_per_image:
-            pl_module.log("perf/tflops_dense_equiv", rate * self.train_flops_per_image / 1e12)
+            metrics["perf/tflops_dense_equiv"] = rate * self.train_flops_per_image / 1e12
         if pl_module.device.type == "cuda":
-            pl_module.log("perf/peak_mem_gb", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        log_measured(trainer, metrics)
 
     def _write_csv(self) -> None:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)

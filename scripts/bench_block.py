@@ -1,4 +1,4 @@
-"""Block-sparse kernels vs cuBLAS dense (and torch's own BSR route) on the GPU at hand: issue #6's table.
+"""Block-sparse kernels vs cuBLAS dense (and torch's own BSR route) on the GPU at hand.
 
     python scripts/bench_block.py [--out benchmarks] [--only gemm,vit,mlp,profile]
 

@@ -149,7 +149,7 @@ def cached_mm(compressed, dense_t, bias=None):
 
 
 def torch_route(w):
-    """The correct torch-op route (gpu-facts.md): tile-op mask, apply it, compress both ways."""
+    """The correct torch-op route: tile-op mask, apply it, compress both ways."""
     *_, bitmask = torch._sparse_semi_structured_tile(w, algorithm="", use_cutlass=False)
     wm = torch._sparse_semi_structured_apply_dense(w, bitmask)
     return torch._cslt_compress(wm), torch._cslt_compress(wm.t().contiguous())
@@ -851,7 +851,7 @@ def _act24_mlp_profile(act24: bool | None) -> dict:
 def section_p(t: Timer, quick: bool) -> list[dict]:
     """Where the GPU time goes (torch.profiler, kernel time per kind): a ViT-L step dense vs the
     library's 2:4 MLPs, eager and compiled per block, and the Squared-ReLU MLP dense vs 2:4
-    activations. The profiles behind the missed targets."""
+    activations."""
     runs = {"Squared-ReLU MLP fwd+bwd, dense": lambda: _act24_mlp_profile(None),
             "Squared-ReLU MLP fwd+bwd, fc2 input 2:4 row-wise": lambda: _act24_mlp_profile(False),
             "ViT-L step, dense, eager": lambda: _vit_step_profile(None, False),

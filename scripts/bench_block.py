@@ -1,4 +1,4 @@
-"""Block-sparse kernels vs cuBLAS dense (and torch's own BSR route) on the GPU at hand: issue #6's table.
+"""Block-sparse kernels vs cuBLAS dense (and torch's own BSR route) on the GPU at hand.
 
     python scripts/bench_block.py [--out benchmarks] [--only gemm,vit,mlp,profile]
 
@@ -10,7 +10,8 @@ sparse run in the same process on the same random data. Times are medians after 
 `triton.testing.do_bench`, whole forwards/steps by CUDA events around eager calls and around replays of
 one CUDA graph. Each row says whether it meets its target; the GEMM rows also give the floor (max of
 bytes over the measured copy rate and kept FLOPs over the measured dense rate).
-Writes benchmarks/bench-block-<date>.json and .md with the GPU and software versions, after every section.
+Writes benchmarks/bench-block-<date>.json and .md with the GPU and software versions, after every section, and
+appends every measured figure to the record (results/speed.jsonl; `--record ''` for none) at the end.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import copy
 import json
 import pathlib
+import subprocess
 import sys
 import traceback
 
@@ -402,10 +404,47 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+PROFILE_FIGURE = "kernel time per step: MLP block fwd+bwd, 12608 tokens, 90% of 64x64 blocks (torch.profiler)"
+
+
+def record_rows(report: dict, command: str, commit: str | None) -> list[dict]:
+    """The rows of results/speed.jsonl for a report: one per measured figure and variant (scripts/tables.py)."""
+    env = report["environment"]
+    base = {"commit": commit, "date": env["date"][:16], "device": env["gpu"], "torch": env["torch"],
+            "cusparselt": env["cusparselt"], "triton": env["triton"], "python": env["python"], "command": command,
+            "min": None, "max": None, "repeats": None}
+
+    def row(model, figure, variant, unit, value):
+        return {**base, "model": model, "figure": figure, "variant": variant, "unit": unit, "median": round(value, 4)}
+    rows = [row("h100", "device copy rate (read + write)", "copy", "TB/s", env["copy_tbs"]),
+            row("h100", "dense bf16 GEMM rate", "dense", "TFLOP/s", env["dense_tflops"])]
+    for section, measured in report["sections"].items():
+        for r in (r for r in measured if "error" not in r):
+            if section == "profile":
+                side, kernel = r["name"].removeprefix("profile ").split(": ", 1)
+                rows.append(row("vit_l", PROFILE_FIGURE, f"{side}: {kernel}", "us", r["us_per_step"]))
+                continue
+            figure = r["name"].removeprefix("ViT-L/16 ").removeprefix("ViT-L ")
+            rows += [row("vit_l", figure, "dense", "ms", r["dense_ms"]),
+                     row("vit_l", figure, "block-sparse (Triton)", "ms", r["sparse_ms"])]
+            if isinstance(r.get("torch_bsr_ms"), float):
+                rows.append(row("vit_l", figure, "torch BSR", "ms", r["torch_bsr_ms"]))
+    return rows
+
+
+def git_commit() -> str | None:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True).stdout
+    return head and head + ("+dirty" if dirty.strip() else "") or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
+    parser.add_argument("--record", default=str(pathlib.Path(__file__).resolve().parents[1] / "results" / "speed.jsonl"),
+                        help="JSON-lines record to append the figures to ('' for none)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,6 +463,11 @@ def main() -> None:
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
         (out / f"{stem}.md").write_text(markdown(report))
     print(f"wrote {out / stem}.json and .md", flush=True)
+    if args.record:
+        rows = record_rows(report, " ".join(["python", "scripts/bench_block.py", *sys.argv[1:]]), git_commit())
+        with open(args.record, "a") as record:
+            record.writelines(json.dumps(row) + "\n" for row in rows)
+        print(f"appended {len(rows)} rows to {args.record}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ run on the same shapes, bf16:
 Each figure is measured `--repeats` times with the variants interleaved (so drift hits them alike); a row holds
 the median, min and max over the repeats, with the commit, date, device and versions. `--table` prints the
 newest row of every (model, figure, variant) as markdown, with the speed-up of each variant over dense of the
-same run.
+same run; `python scripts/tables.py` puts it into results/speed.md.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import tables  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 MODELS = {"l": "vit_l_24", "h": "vit_h_24", "g": "vit_g_24"}  # --models letter -> recipe
 VARIANTS = {
@@ -217,22 +218,8 @@ def environment(command: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown of the newest row of every (model, figure, variant), with each variant's speed-up over dense."""
-    newest: dict[tuple, dict] = {}
-    for row in rows:
-        newest[(row["model"], row["figure"], row["variant"])] = row
-    lines = ["| model | figure | variant | median | min - max | vs dense | repeats | device | date | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, figure, variant), row in newest.items():
-        dense = newest.get((model, figure, "dense"))
-        speedup = ""
-        if dense is not None and variant != "dense" and dense["date"] == row["date"]:
-            ratio = row["median"] / dense["median"] if row["unit"] == "images/s" else dense["median"] / row["median"]
-            speedup = f"{ratio:.3f}x"
-        lines.append(f"| {model} | {figure} | {variant} | {row['median']:.4g} {row['unit']} | {row['min']:.4g} - "
-                     f"{row['max']:.4g} | {speedup} | {row['repeats']} | {row['device']} | {row['date']} | "
-                     f"{row['commit']} |")
-    return "\n".join(lines)
+    """Markdown of the newest row of every (model, figure, variant), as results/speed.md shows a run."""
+    return "\n".join(tables.table(tables.SPEED_HEADER, tables.speed_rows(rows)))
 
 
 def main() -> int:

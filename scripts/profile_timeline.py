@@ -19,6 +19,7 @@ stays in OUTDIR/trace-LABEL.json (hundreds of MB for a ViT-L step; delete it aft
 """
 from __future__ import annotations
 
+import argparse
 import json
 import runpy
 import sys
@@ -257,25 +258,28 @@ def _allocator_counts() -> dict:
             "host_allocs": host}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     global WITH_STACK, START
-    argv = sys.argv[1:]
-    if "--start" in argv:
-        at = argv.index("--start")
-        START = int(argv[at + 1])
-        del argv[at:at + 2]
-    args = [a for a in argv if a not in ("--", "--no-stack")]
-    WITH_STACK = "--no-stack" not in argv
-    if len(args) < 3 or args[2] not in ("trainpy", "bare") or not torch.cuda.is_available():
-        print(__doc__, file=sys.stderr)
-        return 2
-    out, label, mode = Path(args[0]), args[1], args[2]
-    out.mkdir(parents=True, exist_ok=True)
-    say = Report(out / f"timeline-{label}.txt", label)
-    if mode == "bare":
-        bare(out, label, args[3], args[4], say)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="trainpy: train.py overrides after --; bare: semi24|dense graph|eager")
+    parser.add_argument("out", type=Path, help="folder for the report and the raw trace")
+    parser.add_argument("label", help="names the report: OUT/timeline-LABEL.txt")
+    parser.add_argument("mode", choices=("trainpy", "bare"))
+    parser.add_argument("rest", nargs="*", help="train.py overrides (trainpy) or SPARSITY MODE (bare)")
+    parser.add_argument("--no-stack", action="store_true", help="record torch ops only, not Python stacks")
+    parser.add_argument("--start", type=int, default=START, help="first profiled step")
+    args = parser.parse_args(argv)
+    if args.mode == "bare" and len(args.rest) != 2:
+        parser.error("bare takes SPARSITY (semi24|dense) and MODE (graph|eager)")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    WITH_STACK, START = not args.no_stack, args.start
+    args.out.mkdir(parents=True, exist_ok=True)
+    say = Report(args.out / f"timeline-{args.label}.txt", args.label)
+    if args.mode == "bare":
+        bare(args.out, args.label, args.rest[0], args.rest[1], say)
     else:
-        trainpy(out, label, args[3:], say)
+        trainpy(args.out, args.label, args.rest, say)
     return 0
 
 

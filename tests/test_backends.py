@@ -30,7 +30,7 @@ def random_24(m, k, dtype, seed=0, transposable=False):
     return w.masked_fill(~mask, 0), mask
 
 
-# ---- the sm90 layout, re-derived in plain python from the description in gpu-facts.md ----
+# ---- the sm90 layout, re-derived in plain python from the description in docs/design.md ----
 
 def sm90_nibble_index(r: int, g: int, k: int) -> int:
     inner_bits = [(r >> 3) & 1, (g >> 2) & 1, g & 1, (g >> 1) & 1, r & 1,
@@ -90,7 +90,7 @@ class TestLayoutSm90:
         assert torch.equal(decompress_sm90(compress_sm90(zeros), 64, 64), zeros)
 
     def test_groups_with_fewer_than_2_nonzeros_store_the_highest_zero_slots(self):
-        """cuSPARSELt 0.8's rule on sm90 (the H100 probe, perf-notes section 1): the nonzeros, then
+        """cuSPARSELt 0.8's rule on sm90 (the H100 probe, docs/design.md): the nonzeros, then
         the highest-index zero slots; -0 is a zero and a stored zero keeps its sign."""
         w = torch.zeros(64, 64, dtype=torch.bfloat16)
         w[0, :4] = torch.tensor([1.0, 0.0, -0.0, 0.0])  # n000 -> slots 0, 3

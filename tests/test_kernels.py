@@ -2,8 +2,8 @@
 
 CPU: the kernel runs under Triton's interpreter (in a child process started with
 TRITON_INTERPRET=1) and must equal masks.mask_24_transposable plus `_cslt_reference`, a numpy
-re-derivation of cuSPARSELt's sm90 bytes (nibble order from gpu-facts.md; slots of groups with
-fewer than 2 nonzeros as measured on the H100, docs/perf-notes.md), and layout_sm90.compress_sm90,
+re-derivation of cuSPARSELt's sm90 bytes (nibble order from docs/design.md; slots of groups with
+fewer than 2 nonzeros as measured on the H100, docs/design.md), and layout_sm90.compress_sm90,
 which follows the same rule.
 GPU (-m gpu): the compiled kernel must equal torch._cslt_compress itself, both ways.
 """
@@ -68,7 +68,7 @@ def _interpreter_worker(inputs, outputs):
 
 
 def _numpy_nibble_index(r, g, k):
-    """The sm90 nibble position, re-derived bit by bit from gpu-facts.md (independent of the kernel)."""
+    """The sm90 nibble position, re-derived bit by bit from docs/design.md (independent of the kernel)."""
     order = [("r", 3), ("g", 2), ("g", 0), ("g", 1), ("r", 0), ("r", 1), ("r", 2), ("r", 4), ("r", 5), ("g", 3)]
     inner = np.zeros_like(r)
     for dst, (which, src) in enumerate(order):
@@ -262,7 +262,7 @@ def test_rejects_shapes_and_dtypes_it_cannot_lay_out():
 
 
 def test_reference_follows_the_measured_zero_rule():
-    """The rows of the H100 probe (gpu_session.sh): one nonzero -> it plus slot 3 (or 2 if it is
+    """The rows of the H100 probe (docs/design.md): one nonzero -> it plus slot 3 (or 2 if it is
     slot 3); no nonzero -> slots 2, 3; the stored zeros keep their sign."""
     w = torch.zeros(64, 64, dtype=torch.bfloat16)
     w[0, :4] = torch.tensor([1.0, 0.0, -0.0, 0.0])

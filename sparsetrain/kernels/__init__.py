@@ -8,7 +8,7 @@ functions raise a RuntimeError that names the fallback.
 tuned per shape by `bsr_autotune`.
 `sparsetrain.kernels.cslt_plans.sparse_mm` (imported on demand) is torch._cslt_sparse_mm with the
 cuSPARSELt plan built once per shape: ~58 us of host time per call instead of ~600-900 us.
-Measurements: docs/perf-notes.md.
+Measurements: docs/performance.md.
 """
 import importlib.util
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 MODE_PRUNE, MODE_MASK, MODE_VALUES, MODE_ROWS = 0, 1, 2, 3
 BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
-NUM_WARPS = 2  # 64 threads for 256 tiles: measured fastest of 2/4/8 (docs/perf-notes.md)
+NUM_WARPS = 2  # 64 threads for 256 tiles: measured fastest of 2/4/8 (docs/performance.md)
 COALESCE = True  # stores in natural tile order (v2); False is v1's order, kept to compare
 # mask_24_transposable clamps scores to float32 max / 8 so that a sum of 8 never overflows; so do
 # we. The kernel spells it as a literal (a compile-time float); tests check the two agree.
@@ -188,7 +188,7 @@ def _best_pattern(s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s3
 def _positions(k0, k1, k2, k3, z0, z1, z2, z3):
     """Stored slots (i, j) of a group, as cuSPARSELt 0.8 on sm90 picks them from W*mask.
 
-    k: kept (0/1), z: value is a zero of either sign (0/1). Measured on the H100 (docs/perf-notes.md):
+    k: kept (0/1), z: value is a zero of either sign (0/1). Measured on the H100 (docs/design.md):
     the nonzeros first, then the highest-index zero slots, e.g. (n,0,0,0) -> (0,3),
     (0,0,0,n) -> (2,3), all zeros -> (2,3). With two kept nonzeros it is just the kept slots.
     """

@@ -193,7 +193,7 @@ def _plan_cache_error() -> str | None:
 
 # The algorithm search is only run where it has been seen to work. On the H100 (torch 2.11, cuSPARSELt
 # 0.8) an fp16 search at 2048x1024 @ 1024x4096 failed inside cusparseLtMatmulSearch and left the CUDA
-# context broken for the rest of the process (benchmarks/gpu-check-2026-11-25-run1); fp16 therefore
+# context broken for the rest of the process (docs/design.md); fp16 therefore
 # runs algorithm 0. bf16 searches were verified at every ViT shape in the same run.
 SEARCHABLE_DTYPES = (torch.bfloat16,)
 

@@ -19,7 +19,7 @@ from sparsetrain.sparse.config import BLOCK_BACKENDS
 
 KERNEL_BLOCK_SIZES = (16, 32, 64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# Measured at ViT-L MLP shapes on an H100 (benchmarks/bench-block-2026-11-25T1626.md), 64x64 blocks:
+# Measured at ViT-L MLP shapes on an H100 (results/speed.md, scripts/bench_block.py), 64x64 blocks:
 # 50% sparse 0.90-1.03x of cuBLAS, 80% 1.81-2.02x; the break-even lies near 52%, so auto starts at 60%.
 AUTO_MIN_SPARSITY = 0.6
 # Same run, 90% sparse: 16x16 blocks 0.69-0.74x (every 16-wide output tile re-reads its rows of x).

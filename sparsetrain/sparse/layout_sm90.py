@@ -4,7 +4,7 @@
 kept values compacted row-major, then one 4-bit nibble per group of 4 columns, two per byte, low
 nibble first. A nibble holds the kept positions i < j of its group as `i | j << 2`. Nibbles are
 not stored row-major: see `_nibble_positions`. The layout was recovered on an H100 and matched
-`_cslt_compress` bit for bit (docs in /work/shared/gpu-facts.md); other GPUs use other layouts.
+`_cslt_compress` bit for bit (docs/design.md); other GPUs use other layouts.
 """
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ def compress_sm90(w_masked: Tensor) -> Tensor:
 
     Each group of 4 must hold at most 2 nonzeros (extra ones are dropped). Groups with fewer keep
     their nonzeros plus the highest-index zero slots, as cuSPARSELt 0.8 does on sm90 (measured:
-    docs/perf-notes.md section 1), so the bytes equal `_cslt_compress`'s for any input. A stored
+    docs/design.md), so the bytes equal `_cslt_compress`'s for any input. A stored
     zero keeps its sign.
     """
     if w_masked.dim() != 2:

@@ -1,7 +1,7 @@
 """The `cuda_graph:` option: every training forward + backward replays one captured CUDA graph.
 
 Eager 2:4 training is host-bound: each sparse linear costs ~1.1 ms of Python and launch time per step on
-the H100 (docs/perf-notes.md), more than its GPU time at ViT-L widths. Replaying a graph costs one launch.
+the H100 (docs/performance.md), more than its GPU time at ViT-L widths. Replaying a graph costs one launch.
 `torch.cuda.make_graphed_callables` captures the network's forward and backward; the loss, the optimizer,
 the schedule and the logging stay eager around it, so Lightning drives training as before.
 

@@ -107,12 +107,12 @@ def unset_keys(container, prefix: str = "") -> list[str]:
 
 def check_device(cfg: DictConfig) -> None:
     """A recipe meant for a GPU (`requires_gpu: true`) would take hours where a GPU takes seconds, and may not fit
-    in the host's memory: on the CPU it runs only when asked to (allow_cpu=true)."""
+    in the host's memory: on the CPU it runs only when asked to (allow_cpu=true, or debug=smoke)."""
     accelerator = cfg.trainer.get("accelerator", "auto")
     if cfg.get("requires_gpu") and not cfg.get("allow_cpu") and not trains_on_cuda(accelerator):
         where = "trainer.accelerator=cpu" if accelerator == "cpu" else "no CUDA GPU is visible"
-        raise ConfigError(f"recipe {cfg.get('recipe_name')} is meant for a GPU ({where}): allow_cpu=true trains it on "
-                          "the CPU anyway")
+        raise ConfigError(f"recipe {cfg.get('recipe_name')} is meant for a GPU ({where}): add debug=smoke for a short "
+                          "CPU run of it, or allow_cpu=true to train it on the CPU anyway")
 
 
 def check_model(cfg: DictConfig) -> None:
@@ -288,7 +288,10 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
         save_top_k=ccfg.checkpoint.save_top_k, monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
     latest = LatestCheckpoint(run_dir / "checkpoints", every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
                               every_n_epochs=ccfg.checkpoint.every_n_epochs)
-    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), best, latest,
+    # Lightning's own switch: trainer.enable_checkpointing=false (debug=smoke sets it) writes no checkpoint on
+    # schedule; a stop by a signal or a non-finite loss still saves one, which its message points to.
+    savers = [best, latest] if cfg.trainer.get("enable_checkpointing", True) is not False else []
+    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), *savers,
                  WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records),
                  ResumeState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
     if schedule is not None:

@@ -6,10 +6,12 @@ import hydra
 from omegaconf import DictConfig
 
 import sparsetrain.training.resolvers  # noqa: F401  (registers ${job_dirname:...})
+from sparsetrain.training.config_errors import composed, one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
+    composed()
     from sparsetrain.training.app import train
     from sparsetrain.training.errors import USER_ERRORS
 
@@ -25,4 +27,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

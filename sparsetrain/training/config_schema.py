@@ -329,10 +329,10 @@ def unknown_key_message(key: str, shown: str, known, owner: str) -> str:
     """`key` (given as `shown`, e.g. key=value) is not a setting of `owner`: the closest of `known` as the fix,
     or the list of them."""
     parent, _, leaf = key.rpartition(".")
-    known = sorted(k for k in known if not k.startswith("_"))
-    close = difflib.get_close_matches(leaf, known, n=2)
-    dotted = [f"{parent}.{name}" if parent else name for name in close]
-    fix = f"did you mean {' or '.join(dotted)}?" if close else f"remove it; the settings are {', '.join(known)}"
+    known = sorted({k for k in known if not k.startswith("_")})
+    close = difflib.get_close_matches(leaf, known, n=1)
+    fix = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else \
+        f"remove it (the settings: {', '.join(known)})"
     return f"{shown} is not a setting of {owner}; {fix}"
 
 

@@ -66,6 +66,10 @@ def refused(overrides, earlier_run) -> str:
     (["+optim.lrr=1"], "optim.lrr=1 is not a setting of torch.optim.AdamW; did you mean optim.lr?"),
     (["+trainer.max_stepz=3"], "trainer.max_stepz=3 is not a setting of lightning.pytorch.Trainer; did you mean "
                                "trainer.max_steps?"),
+    (["+sched.warmup=3"], "sched.warmup=3 is not a setting of sched; did you mean sched.warmup_steps?"),
+    (["+callbacks.checkpoint.every=1"], "callbacks.checkpoint.every=1 is not a setting of callbacks.checkpoint; "
+                                        "remove it (the settings: every_n_epochs, every_n_train_steps, mode, monitor, "
+                                        "save_top_k)"),
     (["+data.trainsize=8"], "data.trainsize=8 is not a setting of sparsetrain.training.data.SyntheticDataModule; "
                             "did you mean data.train_size?"),
     (["+logger.csv.save_dirr=x"], "logger.csv.save_dirr=x is not a setting of sparsetrain.training.resumable."
@@ -131,7 +135,8 @@ def composition_error(overrides, config_dir=ROOT / "conf") -> str:
     (["recipe=vit_l24"], "recipe=vit_l24: no such recipe option; did you mean recipe=vit_l_24? (the options: "),
     (["recipe=fmnist_dense", "data=imagenet"], "data=imagenet: no such data option; did you mean data=imagefolder? "
                                                "(the options: fashion_mnist, imagefolder, synthetic)"),
-    (["recipe=fmnist_dense", "optim.lrr=1"], "optim.lrr=1 is not a setting of torch.optim.AdamW; did you mean optim.lr?"),
+    (["recipe=fmnist_dense", "optim.lrr=1"],
+     "optim.lrr=1 is not a setting of torch.optim.AdamW; did you mean optim.lr?"),
     (["recipe=fmnist_dense", "optimizer=adamw"], "optimizer=adamw is not a setting of the config; did you mean optim?"),
     (["recipe=fmnist_dense", "trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2: "
      "lightning.pytorch.Trainer takes accumulate_grad_batches, but the config files leave it at its default: set it "

@@ -57,7 +57,7 @@ def gemm_shape(module: nn.Linear | nn.Conv2d) -> tuple[int, int]:
 
 
 def not_a_gemm_reason(module: nn.Linear | nn.Conv2d, config: SparsityConfig) -> str | None:
-    """Why `module` is a conv that is not a plain GEMM (a kxk kernel, a stride, padding, dilation or groups), or None."""
+    """Why `module` is a conv that is not a plain GEMM (a kxk kernel, stride, padding, dilation, groups), or None."""
     if not isinstance(module, nn.Conv2d):
         return None
     kh, kw = module.kernel_size

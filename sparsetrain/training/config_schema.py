@@ -41,11 +41,18 @@ def one_of(name: str, values) -> type[Enum]:
     return Enum(name, {value: value for value in values})
 
 
+Schedule = one_of("Schedule", SCHEDULES)
+Mode = one_of("Mode", ("max", "min"))
+Pattern = one_of("Pattern", PATTERNS)
+NonFinite = one_of("NonFinite", ("skip", "stop"))
+CompileMode = one_of("CompileMode", COMPILE_MODES)
+
+
 @dataclass
 class SchedConfig:
     """conf/sched/: the learning-rate schedule (sparsetrain.training.lr)."""
 
-    name: one_of("Schedule", SCHEDULES) = "cosine"
+    name: Schedule = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
 
@@ -56,7 +63,7 @@ class CheckpointConfig:
     every_n_epochs: Optional[int] = None
     save_top_k: int = 1
     monitor: str = "val/acc"
-    mode: one_of("Mode", ("max", "min")) = "max"
+    mode: Mode = "max"
 
 
 @dataclass
@@ -78,7 +85,7 @@ class PathsConfig:
 class SparsityTrainingConfig:
     """The `sparsity` keys the training glue reads beside the pattern's own config class."""
 
-    pattern: one_of("Pattern", PATTERNS) = "dense"
+    pattern: Pattern = "dense"
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     masked_decay: float = 0.0
@@ -97,8 +104,8 @@ class TrainConfig:
     resume: Optional[str] = None
     force_resume: bool = False
     label_smoothing: float = 0.0
-    nonfinite: one_of("NonFinite", ("skip", "stop")) = "stop"
-    compile: Optional[one_of("CompileMode", COMPILE_MODES)] = None
+    nonfinite: NonFinite = "stop"
+    compile: Optional[CompileMode] = None
     cuda_graph: Any = False
     objective: str = "val/acc"
     requires_gpu: bool = False
@@ -258,7 +265,8 @@ def schema_of(name: str, obj, skip=(), extra=None, base=None) -> type:
         elif parameter.kind != parameter.VAR_POSITIONAL and parameter.name not in skip:
             example = parameter.default if isinstance(parameter.default, _PRIMITIVES) else None
             metadata = {"example": example, "choices": literal_values(parameter.annotation)}
-            fields.append((parameter.name, config_type(parameter.annotation), field(default=MISSING, metadata=metadata)))
+            kind = config_type(parameter.annotation)
+            fields.append((parameter.name, kind, field(default=MISSING, metadata=metadata)))
     fields += [(key, config_type(kind), field(default=MISSING)) for key, kind in (extra or {}).items()]
     schema = make_dataclass(name, fields, bases=(base,) if base else ())
     schema.is_open = is_open
@@ -313,9 +321,11 @@ def _check(schema: type, node: dict, prefix: str, owner: str) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(schema), checked)
     except ConfigKeyError as e:
-        key = e.full_key.split(".")[0]
-        raise ConfigError(unknown_key_message(f"{prefix}{key}", f"{prefix}{key}={_show(node.get(key))}",
-                                              [f.name for f in dataclasses.fields(schema)], owner)) from None
+        parent = e.full_key.rpartition(".")[0]
+        key = f"{prefix}{e.full_key}"
+        known = [f.name for f in dataclasses.fields(_field(schema, parent).type if parent else schema)]
+        raise ConfigError(unknown_key_message(key, f"{key}={_show(_lookup(node, e.full_key))}", known,
+                                              f"{prefix}{parent}" if parent else owner)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(_type_message(schema, prefix, e)) from None
     for field_ in dataclasses.fields(schema):

@@ -37,10 +37,11 @@ def why_no_layer_is_sparse(plans: list[LayerPlan], sparsity_cfg: DictConfig) -> 
     dims = sorted({d for plan in selected for d in plan.module.weight.shape[:2]})
     if block_size and any(d % block_size for d in dims):
         fits = fitting_block_sizes(dims)
-        fix = f"use {_either(fits)}" if fits else "no block size divides them all: select other layers with sparsity.include"
+        fix = f"use {_either(fits)}" if fits else "none divides them all: select other layers with sparsity.include"
         return f"block_size {block_size} divides none of the {'/'.join(map(str, dims))}-wide weights; {fix}"
     reasons = Counter((layer_kind(plan.module), plan.dense_reason) for plan in selected)
-    each = "; ".join(f"{count} {kind} layer{'s' if count > 1 else ''}: {reason}" for (kind, reason), count in reasons.items())
+    each = "; ".join(f"{count} {kind} layer{'s' if count > 1 else ''}: {reason}"
+                     for (kind, reason), count in reasons.items())
     return f"{each}; change those layers' widths (model.*) or select others with sparsity.include"
 
 

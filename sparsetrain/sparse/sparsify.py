@@ -138,14 +138,9 @@ class LayerPlan(NamedTuple):
     dense_reason: str | None  # None: it becomes sparse
 
 
-def plan_sparsify(
-    model: nn.Module,
-    config: SparsityConfig | None,
-    filter_fn: FilterFn | None = None,
-    include: tuple[str, ...] | list[str] = ("*",),
-    exclude: tuple[str, ...] | list[str] = (),
-    skip_dense_by_default: bool = True,
-) -> list[LayerPlan]:
+def plan_sparsify(model: nn.Module, config: SparsityConfig | None, filter_fn: FilterFn | None = None,
+                  include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
+                  skip_dense_by_default: bool = True) -> list[LayerPlan]:
     """What sparsify_ (same arguments) would do with each nn.Linear / nn.Conv2d, in module order, without doing it.
 
     Decided from the model's structure and shapes alone, so a model built on the meta device will do.

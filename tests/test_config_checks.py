@@ -77,6 +77,7 @@ def refused(overrides, earlier_run) -> str:
     (["sparsity=block", "+sparsity.srste_lambda=0.1"], "sparsity.srste_lambda=0.1 is not a setting of sparsity "
      "(pattern block); remove it (the settings: backend, block_size, criterion, exclude, grad_mode, include, "
      "masked_decay, pattern, score_init, score_lr_scale, sparsity, subnet_levels, subnet_weights)"),
+    (["logger=wandb", "logger.wandb.offline=maybe"], "logger.wandb.offline=maybe must be null or true or false"),
     (["+model.embed_dimm=64"], "model.embed_dimm=64 is not an argument of vit_tiny_patch16_224 "
                                "(VisionTransformer.__init__); remove it or check its spelling"),
     (["optim._target_=torch.optim.AdamWW"], "optim._target_=torch.optim.AdamWW cannot be imported (module "

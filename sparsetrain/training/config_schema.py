@@ -33,6 +33,9 @@ from sparsetrain.training.lr import SCHEDULES
 PATTERNS = (*CONFIG_BY_PATTERN, "dense")
 # The keys hydra.utils.instantiate reads from a `_target_` node itself.
 INSTANTIATE_KEYS = {"_target_": str, "_partial_": bool, "_recursive_": bool, "_convert_": str, "_args_": list}
+# Logger keys that sparsetrain reads itself before instantiating (loggers.py): wandb's offline=null means
+# "offline unless wandb credentials exist".
+LOGGER_KEYS = {"wandb": {"offline": Optional[bool]}}
 _PRIMITIVES = (bool, int, float, str)
 
 
@@ -204,7 +207,7 @@ def group_schemas(values: dict) -> dict[str, tuple[type, str]]:
     schemas = {group: target_schema(values[group], group) for group in ("data", "model", "optim", "trainer")
                if isinstance(values.get(group), dict)}
     for name, node in (values.get("logger") or {}).items():
-        schemas[f"logger.{name}"] = target_schema(node, f"logger.{name}")
+        schemas[f"logger.{name}"] = target_schema(node, f"logger.{name}", LOGGER_KEYS.get(name))
     if isinstance(values.get("sparsity"), dict):
         schemas["sparsity"] = sparsity_schema(values["sparsity"])
     schemas["prune_schedule"] = (schema_of("PruneScheduleConfig", PruneSchedule, skip=("pattern",),
@@ -213,8 +216,9 @@ def group_schemas(values: dict) -> dict[str, tuple[type, str]]:
     return schemas
 
 
-def target_schema(node, where: str) -> tuple[type, str]:
-    """The schema of a `_target_` node: the target's parameters, or (**kwargs) any key beside them too."""
+def target_schema(node, where: str, own_keys: Optional[dict] = None) -> tuple[type, str]:
+    """The schema of a `_target_` node: the target's parameters, or (**kwargs) any key beside them too; `own_keys`
+    are read by sparsetrain itself, with its own types."""
     if not isinstance(node, dict) or "_target_" not in node:
         raise ConfigError(f"{where} needs a _target_ (the class or function it builds); pick an option of its group")
     target = node["_target_"]
@@ -222,7 +226,7 @@ def target_schema(node, where: str) -> tuple[type, str]:
         obj = locate(target)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{where}._target_={target} cannot be imported ({e}); check its spelling") from None
-    return schema_of(f"{where}:{target}", obj, extra=INSTANTIATE_KEYS), target
+    return schema_of(f"{where}:{target}", obj, extra={**INSTANTIATE_KEYS, **(own_keys or {})}), target
 
 
 def locate(path: str):
@@ -256,18 +260,20 @@ def sparsity_schema(node: dict) -> tuple[type, str]:
 
 
 def schema_of(name: str, obj, skip=(), extra=None, base=None) -> type:
-    """A dataclass with a field per parameter of `obj` (typed as far as OmegaConf can check it) and per `extra`.
-    A `**kwargs` parameter makes it open: keys beyond its fields are not checked."""
+    """A dataclass with a field per parameter of `obj` (typed as far as OmegaConf can check it) and per `extra`
+    (which wins over a parameter of its name). A `**kwargs` parameter makes it open: keys beyond its fields are
+    not checked."""
+    extra = extra or {}
     fields, is_open = [], False
     for parameter in _parameters(obj):
         if parameter.kind == parameter.VAR_KEYWORD:
             is_open = True
-        elif parameter.kind != parameter.VAR_POSITIONAL and parameter.name not in skip:
+        elif parameter.kind != parameter.VAR_POSITIONAL and parameter.name not in (*skip, *extra):
             example = parameter.default if isinstance(parameter.default, _PRIMITIVES) else None
             metadata = {"example": example, "choices": literal_values(parameter.annotation)}
             kind = config_type(parameter.annotation)
             fields.append((parameter.name, kind, field(default=MISSING, metadata=metadata)))
-    fields += [(key, config_type(kind), field(default=MISSING)) for key, kind in (extra or {}).items()]
+    fields += [(key, config_type(kind), field(default=MISSING)) for key, kind in extra.items()]
     schema = make_dataclass(name, fields, bases=(base,) if base else ())
     schema.is_open = is_open
     return schema
@@ -354,7 +360,8 @@ def _type_message(schema: type, prefix: str, e: OmegaConfBaseException) -> str:
         return f"{prefix}{e.full_key}={_show(e.value)}: {_first_line(e.msg)}"
     expected = _describe(field_.type)
     example = field_.metadata.get("example", field_.default)
-    suggest = isinstance(example, _PRIMITIVES) and not isinstance(example, bool) and "one of" not in expected
+    suggest = (isinstance(example, _PRIMITIVES) and not isinstance(example, bool) and example != MISSING
+               and "one of" not in expected)
     fix = f", e.g. {key}={_show(example)}" if suggest else ""
     return f"{key}={_show(e.value)} must be {expected}{fix}"
 

@@ -14,12 +14,14 @@ import lightning.pytorch  # noqa: F401
 from omegaconf import DictConfig
 
 import sparsetrain.training.resolvers  # noqa: F401  (registers ${job_dirname:...})
+from sparsetrain.training.config_errors import composed, one_line_errors
 
 # Where an installed package keeps conf/ (recipes in conf/recipe); a source checkout has them at its top.
 PACKAGED_CONFIGS = Path(__file__).resolve().with_name("conf")
 
 
 def train_job(cfg: DictConfig):
+    composed()
     from sparsetrain.training.app import train
     from sparsetrain.training.errors import USER_ERRORS
 
@@ -34,7 +36,8 @@ def train_job(cfg: DictConfig):
 
 
 def main(config_dir: Path = PACKAGED_CONFIGS) -> None:
-    hydra.main(version_base="1.3", config_path=str(config_dir), config_name="train")(train_job)()
+    with one_line_errors():
+        hydra.main(version_base="1.3", config_path=str(config_dir), config_name="train")(train_job)()
 
 
 if __name__ == "__main__":

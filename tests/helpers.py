@@ -21,12 +21,6 @@ TINY = ["data=synthetic", "data.img_size=32", "data.batch_size=4", "data.train_s
         "sched.warmup_steps=0"]
 
 
-def tiny(recipe: str) -> list[str]:
-    """TINY for a recipe. ImageNet-size ViTs are built two blocks deep: a ViT-g's billion fp32 parameters and their
-    AdamW state alone would fill a CI machine's memory."""
-    return [*TINY, "+model.depth=2"] if recipe.startswith("vit_") else list(TINY)
-
-
 def compose_cfg(overrides, run_dir):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -27,30 +27,37 @@ def layer_rows(run_dir) -> dict:
     return {row["name"]: row for row in json.loads((run_dir / "layers.json").read_text())}
 
 
-def test_block_size_that_does_not_divide_a_layer_leaves_it_dense_with_the_reason(tmp_path, caplog):
-    caplog.set_level(logging.DEBUG, logger="sparsetrain")
-    # 48 divides neither 64 nor 256: every MLP linear of the 64-wide ViT stays dense, and training goes on
-    summary = train(compose_cfg(["recipe=fmnist_vit_block", *TINY, *SMALL_VIT, "sparsity.block_size=48"], tmp_path))
-    assert summary["global_step"] == 2
-    fc1 = layer_rows(tmp_path)["blocks.0.mlp.fc1"]
-    assert fc1["pattern"] == "dense" and "48" in fc1["reason"], fc1
-    assert "sparsify blocks.0.mlp.fc1 linear 256x64 -> dense" in caplog.text
+def test_a_block_size_that_divides_no_layer_stops_before_anything_is_built(tmp_path):
+    # 48 divides neither 64 nor 256: every MLP linear of the 64-wide ViT would stay dense
+    with pytest.raises(ConfigError, match=r"^sparsity=block would train a dense model: block_size 48 divides none of "
+                                          r"the 64/256-wide weights; use 16, 32 or 64$"):
+        train(compose_cfg(["recipe=fmnist_vit_block", *TINY, *SMALL_VIT, "sparsity.block_size=48"], tmp_path))
+    assert not any(tmp_path.iterdir())
 
 
 def test_layer_shape_that_2to4_cannot_serve_stays_dense_with_the_reason(tmp_path, caplog):
-    caplog.set_level(logging.DEBUG, logger="sparsetrain")
-    # width 66: qkv (198x66) has an input dim that is not a multiple of 4, fc2 (66x264) an output dim, which
-    # a transposable mask needs; the run trains on with those layers dense
+    caplog.set_level(logging.INFO, logger="sparsetrain")
+    # width 66 with row-wise masks: qkv (198x66), proj and fc1 have an input dim that is not a multiple of 4; fc2
+    # (66x264) runs 2:4, so the run trains on with the others dense and says so in one warning
     summary = train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "model.depth=1", "model.embed_dim=66",
-                                 "model.num_heads=3"], tmp_path))
+                                 "model.num_heads=3", "sparsity.transposable=false"], tmp_path))
     assert summary["global_step"] == 2
     rows = layer_rows(tmp_path)
     assert rows["blocks.0.attn.qkv"]["pattern"] == "dense"
     assert "in_features 66 is not a multiple of 4" in rows["blocks.0.attn.qkv"]["reason"]
-    assert rows["blocks.0.mlp.fc2"]["pattern"] == "dense"
-    assert "out_features 66 is not a multiple of 4" in rows["blocks.0.mlp.fc2"]["reason"]
-    assert "transposable=False" in rows["blocks.0.mlp.fc2"]["reason"]
+    assert rows["blocks.0.mlp.fc2"]["pattern"] == "semi24"
     assert "sparsify blocks.0.attn.qkv linear 198x66 -> dense" in caplog.text
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING and "selected layers" in r.message]
+    assert warnings == ["3 of the 4 selected layers stay dense, blocks.0.attn.qkv 198x66 among them (in_features 66 "
+                        "is not a multiple of 4 (2:4 groups run along the input dim)); the layer table lists each"]
+
+
+def test_2to4_on_layers_it_cannot_serve_stops_with_each_reason(tmp_path):
+    # with transposable masks fc2 (66x264) cannot run 2:4 either: no layer is left
+    cfg = ["recipe=fmnist_vit_24", *TINY, "model.depth=1", "model.embed_dim=66", "model.num_heads=3"]
+    with pytest.raises(ConfigError, match=r"3 linear layers: in_features 66 is not a multiple of 4 .*; 1 linear layer: "
+                                          r"out_features 66 .*set transposable=False"):
+        train(compose_cfg(cfg, tmp_path))
 
 
 @pytest.mark.parametrize("recipe, backend", [("fmnist_vit_24", "cusparselt"), ("fmnist_vit_block", "triton_bsr")])

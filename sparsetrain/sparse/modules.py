@@ -56,20 +56,28 @@ def gemm_shape(module: nn.Linear | nn.Conv2d) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def not_a_gemm_reason(module: nn.Linear | nn.Conv2d, config: SparsityConfig) -> str | None:
+    """Why `module` is a conv that is not a plain GEMM (a kxk kernel, stride, padding, dilation, groups), or None."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    kh, kw = module.kernel_size
+    if (kh, kw) != (1, 1):
+        return f"{kh}x{kw} conv, not a GEMM {'block sparsity' if isinstance(config, BlockConfig) else '2:4'} can serve"
+    if module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1 or any(
+        p != 0 for p in _padding_amounts(module)
+    ):
+        return (
+            f"1x1 conv with stride={module.stride}, padding={module.padding}, dilation={module.dilation}, "
+            f"groups={module.groups} is not a plain GEMM (only stride 1, no padding/dilation/groups is)"
+        )
+    return None
+
+
 def unsupported_reason(module: nn.Linear | nn.Conv2d, config: SparsityConfig) -> str | None:
     """Why `config` cannot run on `module` (a short sentence), or None when it can."""
-    what = "block sparsity" if isinstance(config, BlockConfig) else "2:4"
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        if (kh, kw) != (1, 1):
-            return f"{kh}x{kw} conv, not a GEMM {what} can serve"
-        if module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1 or any(
-            p != 0 for p in _padding_amounts(module)
-        ):
-            return (
-                f"1x1 conv with stride={module.stride}, padding={module.padding}, dilation={module.dilation}, "
-                f"groups={module.groups} is not a plain GEMM (only stride 1, no padding/dilation/groups is)"
-            )
+    not_a_gemm = not_a_gemm_reason(module, config)
+    if not_a_gemm is not None:
+        return not_a_gemm
     out_features, in_features = gemm_shape(module)
     if isinstance(config, BlockConfig):
         try:

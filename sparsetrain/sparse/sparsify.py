@@ -10,13 +10,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import nn
 
 from sparsetrain.sparse.config import Act24Config, SparsityConfig
-from sparsetrain.sparse.modules import SparseConv1x1, SparseGemmLayer, SparseLinear, unsupported_reason
+from sparsetrain.sparse.modules import (SparseConv1x1, SparseGemmLayer, SparseLinear, not_a_gemm_reason,
+                                       unsupported_reason)
 
 logger = logging.getLogger("sparsetrain")
 
@@ -82,7 +83,7 @@ def _is_under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _dense_reason(
+def _unselected_reason(
     name: str,
     module: nn.Module,
     parent: nn.Module | None,
@@ -92,7 +93,8 @@ def _dense_reason(
     exclude: tuple[str, ...],
     dense_by_default: set[str],
 ) -> str | None:
-    """Why `module` stays dense, or None when it gets `config`."""
+    """Why `module` is not one to make sparse, or None when it is (whether `config` can serve it is decided
+    next, by unsupported_reason)."""
     if config is None:
         return "sparsity pattern is dense"
     if type(module) not in (nn.Linear, nn.Conv2d):
@@ -103,8 +105,8 @@ def _dense_reason(
         )
     if parent is None:
         return "the model itself is the layer; wrap it in a module to sparsify it"
-    if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
-        return unsupported_reason(module, config)
+    if (not_a_gemm := not_a_gemm_reason(module, config)) is not None:
+        return not_a_gemm
     matched_exclude = next((g for g in exclude if fnmatch.fnmatchcase(name, g)), None)
     if matched_exclude is not None:
         return f"matched exclude glob {matched_exclude!r}"
@@ -116,13 +118,44 @@ def _dense_reason(
         return "first/last layer kept dense by default (pass skip_dense_by_default=False to sparsify it)"
     if isinstance(config, Act24Config) and not any(fnmatch.fnmatchcase(name, g) for g in config.layer_globs):
         return f"act24 prunes only the inputs of layers matching {list(config.layer_globs)} (Act24Config.layer_globs)"
-    return unsupported_reason(module, config)
+    return None
 
 
 def _check_globs(name: str, globs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if isinstance(globs, str):
         raise ValueError(f"{name}={globs!r} must be a list of globs, e.g. [{globs!r}]")
     return tuple(globs)
+
+
+class LayerPlan(NamedTuple):
+    """What sparsify_ does with one nn.Linear / nn.Conv2d."""
+
+    name: str
+    module: nn.Module
+    # Chosen to be sparse: a GEMM layer that the include/exclude globs, filter_fn and the default-dense rule
+    # let through. A selected layer that stays dense is one the pattern cannot serve at its shape.
+    selected: bool
+    dense_reason: str | None  # None: it becomes sparse
+
+
+def plan_sparsify(model: nn.Module, config: SparsityConfig | None, filter_fn: FilterFn | None = None,
+                  include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
+                  skip_dense_by_default: bool = True) -> list[LayerPlan]:
+    """What sparsify_ (same arguments) would do with each nn.Linear / nn.Conv2d, in module order, without doing it.
+
+    Decided from the model's structure and shapes alone, so a model built on the meta device will do.
+    """
+    include, exclude = _check_globs("include", include), _check_globs("exclude", exclude)
+    dense_by_default = default_dense_names(model) if skip_dense_by_default else set()
+    plans = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        parent = _parent_of(model, name)
+        reason = _unselected_reason(name, module, parent, config, filter_fn, include, exclude, dense_by_default)
+        selected = reason is None
+        plans.append(LayerPlan(name, module, selected, unsupported_reason(module, config) if selected else reason))
+    return plans
 
 
 def sparsify_(
@@ -144,17 +177,12 @@ def sparsify_(
     Call it before loading a checkpoint of a sparse model: the masks and scores come back from
     the state_dict. Returns one LayerRecord per nn.Linear / nn.Conv2d, in module order.
     """
-    include, exclude = _check_globs("include", include), _check_globs("exclude", exclude)
     already = sparse_modules(model)
     if already:
         raise ValueError(f"the model is already sparse ({already[0][0]}, ...); call densify_(model) first")
-    dense_by_default = default_dense_names(model) if skip_dense_by_default else set()
     records = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        parent = _parent_of(model, name)
-        reason = _dense_reason(name, module, parent, config, filter_fn, include, exclude, dense_by_default)
+    for name, module, _, reason in plan_sparsify(model, config, filter_fn, include, exclude,
+                                                        skip_dense_by_default):
         if reason is not None:
             setattr(module, DENSE_REASON_ATTR, f"dense: {reason}")
             record = LayerRecord(name=name, kind=layer_kind(module), shape=tuple(module.weight.shape),
@@ -162,9 +190,9 @@ def sparsify_(
         else:
             sparse_cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1
             sparse = sparse_cls.from_dense(module, config, name)
-            setattr(parent, name.rpartition(".")[2], sparse)
-            record = LayerRecord(name=name, kind=sparse.kind, shape=tuple(sparse.weight.shape),
-                                 pattern=sparse.pattern, backend=sparse.backend_name, reason=sparse.backend_reason)
+            setattr(_parent_of(model, name), name.rpartition(".")[2], sparse)
+            record = LayerRecord(name=name, kind=sparse.kind, shape=tuple(sparse.weight.shape), pattern=sparse.pattern,
+                                 backend=sparse.backend_name, reason=sparse.backend_reason)
         # Debug level: the layer table printed after the first step says the same once, with measured sparsity.
         logger.debug("sparsify %s %s %s -> %s [%s] %s", name, record["kind"], "x".join(map(str, record["shape"])),
                      record["pattern"], record["backend"], record["reason"])

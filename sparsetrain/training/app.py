@@ -18,30 +18,28 @@ from sparsetrain.sparse.block_linear import KERNEL_BLOCK_SIZES
 from sparsetrain.sparse.config import BlockConfig, config_from_dict
 from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
 from sparsetrain.sparse.schedules import PruneSchedule
-from sparsetrain.sparse.sparsify import layer_table, sparsify_
+from sparsetrain.sparse.sparsify import layer_table, plan_sparsify, sparsify_
 from sparsetrain.training.bn_recalibration import BatchNormRecalibration
 from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, WandbRunInfo,
                                             merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, BestCheckpoint, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
-from sparsetrain.training.compile import COMPILE_MODES, CompileModel
+from sparsetrain.training.compile import CompileModel
+from sparsetrain.training.config_schema import check_config, pattern_options
 from sparsetrain.training.console import ProgressLines, checkpoint_files, hide_lightning_notices, run_end_block
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict, graphs_wanted
+from sparsetrain.training.errors import ConfigError
 from sparsetrain.training.loggers import build_loggers, wandb_sync_hint
-from sparsetrain.training.lr import SCHEDULES
 from sparsetrain.training.module import SparseClassifier
 from sparsetrain.training.preemption import StopCheckpoint, exit_on_preemption
 # Importing it registers the resolvers the configs use (${if_cuda:...}, ${job_dirname:...}).
 from sparsetrain.training.resolvers import trains_on_cuda
 from sparsetrain.training.resumable import ResumeState
+from sparsetrain.training.sparse_coverage import check_coverage
 from sparsetrain.training.throughput import Throughput
 
 log = logging.getLogger("sparsetrain")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the fix."""
 
 
 def build(node: DictConfig, **kwargs):
@@ -56,29 +54,20 @@ def build(node: DictConfig, **kwargs):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Catch impossible values before anything is built, one clear line each."""
+    """Catch impossible values before anything is built, one clear line each: the schema's keys, types and
+    ranges (config_schema), then what only several values together or the machine can say."""
     missing = unset_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set on the command line (`???` in the config), "
                           "e.g. data.root=/path/to/imagenet for an ImageFolder recipe")
+    check_config(cfg)
+    check_device(cfg)
+    check_model(cfg)
     lr = cfg.optim.get("lr")
-    if lr is None or not lr > 0:
-        raise ConfigError(f"optim.lr={lr} must be > 0, e.g. optim.lr=1e-3")
-    if cfg.optim.get("weight_decay", 0) < 0:
-        raise ConfigError(f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0")
-    if cfg.data.get("batch_size", 1) < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
-    level = cfg.sparsity.get("sparsity")
-    if level is not None and not 0 <= level < 1:
-        raise ConfigError(f"sparsity.sparsity={level} must be in [0, 1), e.g. sparsity.sparsity=0.9")
-    for subnet_level in cfg.sparsity.get("subnet_levels") or ():
-        if not 0 <= subnet_level < 1:
-            raise ConfigError(f"sparsity.subnet_levels has {subnet_level}: each level is a fraction of blocks "
-                              "pruned, in [0, 1), e.g. sparsity.subnet_levels=[0.9,0.8,0.5]")
     decay = cfg.sparsity.get("masked_decay") or 0.0
-    if not 0 <= decay * lr < 1:
-        raise ConfigError(f"sparsity.masked_decay={decay} must be >= 0 and below 1/optim.lr ({1 / lr:g}): pruned "
-                          "weights shrink by masked_decay x lr per step; e.g. sparsity.masked_decay=0.5")
+    if lr is not None and decay * lr >= 1:
+        raise ConfigError(f"sparsity.masked_decay={decay} must be below 1/optim.lr ({1 / lr:g}): pruned weights "
+                          "shrink by masked_decay x lr per step; e.g. sparsity.masked_decay=0.5")
     kind = cfg.prune_schedule.kind
     if cfg.sparsity.get("criterion") == "scores" and kind in ("one_shot", "iterative"):
         # Scores train only at steps that update the mask, and these schedules update it once (per cycle).
@@ -88,11 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.sparsity.get("subnet_levels") and kind == "gradual":
         raise ConfigError("multi-subnet DRESS (sparsity.subnet_levels) trains fixed levels and would override "
                           "the gradual ramp; use prune_schedule=constant (with dense_warmup_steps for a dense start)")
-    if cfg.sched.get("name", "cosine") not in SCHEDULES:
-        raise ConfigError(f"sched.name={cfg.sched.name} is not known: use sched=cosine or sched=constant")
     check_objective(cfg)
-    if cfg.nonfinite not in ("skip", "stop"):
-        raise ConfigError(f"nonfinite={cfg.nonfinite} must be skip or stop")
     if (str(cfg.trainer.precision).startswith("16") and cfg.trainer.get("gradient_clip_val")
             and cfg.optim.get("fused")):
         # GradScaler leaves fp16 gradients scaled until a fused optimizer unscales them inside its step.
@@ -102,8 +87,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("set trainer.max_steps or trainer.max_epochs, or training never ends")
     if cfg.sparsity.get("backend") in ("cusparselt", "triton_bsr"):
         check_gpu_backend_possible(cfg.sparsity.backend, cfg.trainer, cfg.sparsity.get("block_size"))
-    if cfg.get("compile") is not None and cfg.compile not in COMPILE_MODES:
-        raise ConfigError(f"compile={cfg.compile} must be null (eager) or one of {list(COMPILE_MODES)}")
     if cfg.get("cuda_graph") not in (None, True, False, "auto"):
         raise ConfigError(f"cuda_graph={cfg.cuda_graph} must be true, false or auto")
     if cfg.get("cuda_graph") is True and (conflict := config_conflict(cfg)) is not None:
@@ -121,6 +104,28 @@ def unset_keys(container, prefix: str = "") -> list[str]:
         elif isinstance(value, (dict, list)):
             keys += unset_keys(value, f"{prefix}{key}.")
     return keys
+
+
+def check_device(cfg: DictConfig) -> None:
+    """A recipe meant for a GPU (`requires_gpu: true`) would take hours where a GPU takes seconds, and may not fit
+    in the host's memory: on the CPU it runs only when asked to (allow_cpu=true, or debug=smoke)."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if cfg.get("requires_gpu") and not cfg.get("allow_cpu") and not trains_on_cuda(accelerator):
+        where = "trainer.accelerator=cpu" if accelerator == "cpu" else "no CUDA GPU is visible"
+        raise ConfigError(f"recipe {cfg.get('recipe_name')} is meant for a GPU ({where}): add debug=smoke for a short "
+                          "CPU run of it, or allow_cpu=true to train it on the CPU anyway")
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The network built on the meta device (no memory, no weights, no time): a wrong model name or argument, or
+    a sparse recipe that would leave every layer dense, stops here rather than after the real build."""
+    # Weights are read at the real build; a meta model has nowhere to put them.
+    no_weights = {"pretrained_path": None} if "pretrained_path" in cfg.model else {}
+    with torch.device("meta"):
+        model = build(cfg.model, **no_weights)
+    if cfg.sparsity.pattern != "dense":
+        config, include, exclude = sparsify_arguments(cfg.sparsity)
+        check_coverage(plan_sparsify(model, config, include=include, exclude=exclude), cfg.sparsity)
 
 
 def check_objective(cfg: DictConfig) -> None:
@@ -152,15 +157,15 @@ def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig, block_size
                           "sparsity.backend=auto, which falls back to masked dense")
 
 
+def sparsify_arguments(sparsity_cfg: DictConfig) -> tuple:
+    """The recipe's `sparsity:` section as sparsify_'s config, include and exclude."""
+    config = config_from_dict(pattern_options(OmegaConf.to_container(sparsity_cfg, resolve=True)))
+    return config, tuple(sparsity_cfg.get("include", ["*"])), tuple(sparsity_cfg.get("exclude", []))
+
+
 def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
     """Apply the recipe's `sparsity:` section; returns one record per linear/conv layer."""
-    opts = OmegaConf.to_container(sparsity_cfg, resolve=True)
-    include = tuple(opts.pop("include", ["*"]))
-    exclude = tuple(opts.pop("exclude", []))
-    # DRESS multi-subnet levels and the score learning rate drive SparseClassifier, masked decay a callback.
-    for key in ("subnet_levels", "subnet_weights", "score_lr_scale", "masked_decay"):
-        opts.pop(key, None)
-    config = config_from_dict(opts)
+    config, include, exclude = sparsify_arguments(sparsity_cfg)
     records = sparsify_(model, config, include=include, exclude=exclude)
     if isinstance(config, BlockConfig):
         # One autograd node per fc1 -> GELU -> fc2 where both run on the kernels: GELU's backward moves into
@@ -288,7 +293,10 @@ def build_callbacks(cfg, run_dir, records, throughput, datamodule) -> list:
                           monitor=ccfg.checkpoint.monitor, mode=ccfg.checkpoint.mode)
     latest = LatestCheckpoint(run_dir / "checkpoints", every_n_train_steps=ccfg.checkpoint.every_n_train_steps,
                               every_n_epochs=ccfg.checkpoint.every_n_epochs)
-    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), best, latest,
+    # Lightning's own switch: trainer.enable_checkpointing=false (debug=smoke sets it) writes no checkpoint on
+    # schedule; a stop by a signal or a non-finite loss still saves one, which its message points to.
+    savers = [best, latest] if cfg.trainer.get("enable_checkpointing", True) is not False else []
+    callbacks = [throughput, LayerReport(run_dir, records), MaskSnapshots(run_dir), *savers,
                  WandbRunInfo(OmegaConf.to_container(cfg, resolve=True), records),
                  ResumeState(), StopCheckpoint(run_dir / "checkpoints"), MaskAgreement(every=ccfg.sparsity_log_every)]
     if schedule is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import safetensors.torch
@@ -74,6 +75,26 @@ def create_model(
         raise ValueError(f"model.source={source!r} is not supported; use one of {list(MODEL_SOURCES)}")
     if mlp_act is not None and mlp_act not in MLP_ACTIVATIONS:
         raise ValueError(f"model.mlp_act={mlp_act!r} is not supported; use null or one of {list(MLP_ACTIVATIONS)}")
+    try:
+        model = _create_untrained(name, num_classes, in_chans, img_size, patch_size, source, small_input_stem,
+                                  drop_path_rate, mlp_act, **kwargs)
+    except TypeError as e:
+        # The keyword arguments beyond this function's go to the timm / torchvision constructor, which names one it
+        # does not take only in a TypeError.
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unexpected is None or unexpected.group(1) not in kwargs:
+            raise
+        key = unexpected.group(1)
+        raise ValueError(f"model.{key}={kwargs[key]} is not an argument of {name} ({str(e).split('(')[0]}); remove "
+                         "it or check its spelling") from None
+    if pretrained_path is not None:
+        load_pretrained(model, pretrained_path)
+    return model
+
+
+def _create_untrained(name: str, num_classes: int, in_chans: int, img_size: int | None, patch_size: int | None,
+                      source: str, small_input_stem: bool, drop_path_rate: float, mlp_act: str | None,
+                      **kwargs) -> nn.Module:
     if source == "torchvision" or (source == "auto" and name in TORCHVISION_RESNETS):
         if patch_size is not None or drop_path_rate or mlp_act is not None:
             raise ValueError(
@@ -90,8 +111,6 @@ def create_model(
         model = _create_timm_model(name, num_classes, in_chans, img_size, patch_size, drop_path_rate, source, **kwargs)
         if mlp_act == "squared_relu":
             _use_squared_relu_in_mlps(model, name)
-    if pretrained_path is not None:
-        load_pretrained(model, pretrained_path)
     return model
 
 

@@ -36,7 +36,7 @@ def test_a_block_size_that_divides_no_layer_stops_before_anything_is_built(tmp_p
 
 
 def test_layer_shape_that_2to4_cannot_serve_stays_dense_with_the_reason(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sparsetrain")
+    caplog.set_level(logging.DEBUG, logger="sparsetrain")
     # width 66 with row-wise masks: qkv (198x66), proj and fc1 have an input dim that is not a multiple of 4; fc2
     # (66x264) runs 2:4, so the run trains on with the others dense and says so in one warning
     summary = train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "model.depth=1", "model.embed_dim=66",

@@ -7,8 +7,8 @@ functions raise a RuntimeError that names the fallback.
 `sparsetrain.kernels.bsr_matmul` (imported on demand) holds the block-sparse matmuls of block layers,
 tuned per shape by `bsr_autotune`.
 `sparsetrain.kernels.cslt_plans.sparse_mm` (imported on demand) is torch._cslt_sparse_mm with the
-cuSPARSELt plan built once per shape: ~58 us of host time per call instead of ~600-900 us.
-Measurements: docs/performance.md.
+cuSPARSELt plan built once per shape, so a call costs a fraction of the op's host time
+(`scripts/bench.py --only c` measures both).
 """
 import importlib.util
 

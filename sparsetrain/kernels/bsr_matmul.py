@@ -171,8 +171,8 @@ def _block_sparse_mm_tma_kernel(a_desc, w_desc, out_desc, h_desc, bias_ptr, coun
                                 STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                                 GELU_GRAD: tl.constexpr):
     """`_block_sparse_mm_kernel` with every tile moved by tensor descriptors (TMA on sm90): the copy engine
-    computes the addresses and zero-fills rows past the end, so the warps only issue the MMAs. Measured on an
-    H100 at the ViT-L MLP shapes, 8-14% faster than the pointer kernel (results/speed.md)."""
+    computes the addresses and zero-fills rows past the end, so the warps only issue the MMAs. The tuner picks
+    between the two per shape; `scripts/bench_block.py --only gemm` times both."""
     pid = tl.program_id(0)
     pid_m = pid // out_blocks
     n = pid - pid_m * out_blocks

@@ -1,10 +1,11 @@
 /* Cached cuSPARSELt matmul plans, called from Python through ctypes (see cslt_plans.py).
  *
- * torch._cslt_sparse_mm builds descriptors and a plan on every call and destroys them after,
- * about 580 us of CPU time per GEMM on our H100 host. A plan depends only on shapes, layouts,
- * dtype and algorithm, so one is built per such key and reused; a call is then one
- * cusparseLtMatmul. The descriptors mirror torch's own (ATen cuSPARSELtOps.cpp), so the
- * compressed operand of torch._cslt_compress (or of our Triton kernel) is read the same way.
+ * torch._cslt_sparse_mm builds descriptors and a plan on every call and destroys them after, which
+ * costs more CPU time than the GEMM takes on the GPU at ViT sizes (scripts/bench.py --only c). A
+ * plan depends only on shapes, layouts, dtype and algorithm, so one is built per such key and
+ * reused; a call is then one cusparseLtMatmul. The descriptors mirror torch's own (ATen
+ * cuSPARSELtOps.cpp), so the compressed operand of torch._cslt_compress (or of our Triton kernel)
+ * is read the same way.
  *
  * C-style C++ with a C ABI and no torch headers: it builds in a second with the system C++
  * compiler and does not depend on torch's C++ ABI. (C++ because cusparseLt.h is written for it:

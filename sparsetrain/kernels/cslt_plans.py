@@ -1,7 +1,7 @@
 """`sparse_mm`: torch._cslt_sparse_mm's GEMM with its cuSPARSELt plan built once per shape.
 
-torch._cslt_sparse_mm costs about 580 us of CPU time per call (it rebuilds descriptors and a
-plan every time), more than the GEMM itself at ViT sizes. `cslt_plans.cpp` keeps one plan per
+torch._cslt_sparse_mm rebuilds descriptors and a plan at every call, which costs more CPU time than the GEMM
+takes on the GPU at ViT sizes (`scripts/bench.py --only c` measures it). `cslt_plans.cpp` keeps one plan per
 (shapes, layout, dtype, algorithm) and is called through ctypes. It is compiled on first use with
 the system C++ compiler against the cusparseLt.h that ships in the nvidia-cusparselt wheel, and
 links the libcusparseLt.so.0 that torch itself loads. No torch C++ headers, so no ABI coupling.

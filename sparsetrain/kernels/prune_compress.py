@@ -25,7 +25,7 @@ import triton.language as tl
 
 MODE_PRUNE, MODE_MASK, MODE_VALUES, MODE_ROWS = 0, 1, 2, 3
 BLOCK = 64  # rows and columns per program: one metadata chunk of the sm90 layout
-NUM_WARPS = 2  # 64 threads for 256 tiles: measured fastest of 2/4/8 (docs/performance.md)
+NUM_WARPS = 2  # 64 threads for 256 tiles: the fastest of 2/4/8 in `scripts/bench.py --only b`
 COALESCE = True  # stores in natural tile order (v2); False is v1's order, kept to compare
 # mask_24_transposable clamps scores to float32 max / 8 so that a sum of 8 never overflows; so do
 # we. The kernel spells it as a literal (a compile-time float); tests check the two agree.

@@ -30,7 +30,7 @@ BACKENDS = ("auto", "emulated", "cusparselt")
 COMPRESS_ROUTES = ("kernel", "cslt", "direct")  # what a CuSparseLtBackend runs; resolve_backend also takes "auto"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 CUSPARSELT_DIM_MULTIPLE = 64
-# Measured on an H100: 2:4 GEMMs gain little below this width (ViT-B MLP 0.96x-1.06x, ViT-L 1.2x).
+# 2:4 GEMMs gain little below this width on an H100 (`scripts/bench.py --only a`: ViT-B against ViT-L MLP shapes).
 NARROW_LAYER_FEATURES = 1024
 ALGORITHM_MAX_REL_ERROR = 2e-2
 PLANS_ENV = "SPARSETRAIN_CSLT_PLANS"  # "1": plan cache, "0": torch._cslt_sparse_mm, unset: plan cache where it builds
@@ -186,7 +186,7 @@ def _plan_cache_error() -> str | None:
     except Exception as error:  # noqa: BLE001 - any build or load failure means: use torch's op
         reason = f"{type(error).__name__}: {error}"
         logger.warning("cuSPARSELt plan cache unavailable, eager sparse GEMMs use torch._cslt_sparse_mm "
-                       "(~0.6-0.9 ms of host time each): %s", reason)
+                       "(several times the host time per call): %s", reason)
         return reason
     return None
 
@@ -269,8 +269,8 @@ class CuSparseLtBackend(Backend):
                  W_s and W_s^T; or, for a given mask, W_s and W_s^T. Transposable masks only.
       "cslt"   - the mask by masks.py, then `torch._cslt_compress` once or twice (any GPU).
       "direct" - as "cslt" with `compress_sm90` (the same bytes by torch ops; sm90 only).
-    plans: weight GEMMs through `kernels.cslt_plans` (one cuSPARSELt plan kept per shape: ~58 us of
-    host time per call instead of ~600-900 us; same bits): True, False, or None for
+    plans: weight GEMMs through `kernels.cslt_plans` (one cuSPARSELt plan kept per shape, a fraction of the
+    op's host time per call: bench.py c; same bits): True, False, or None for
     $SPARSETRAIN_CSLT_PLANS ("1" / "0"; unset: where the plan cache builds, else torch's op).
     Activation-sparse GEMMs always run `torch._cslt_sparse_mm`.
     """
@@ -316,8 +316,8 @@ class CuSparseLtBackend(Backend):
     @staticmethod
     def _prepare_with_kernel(weight: Tensor, mask: Tensor | None,
                              need_input_grad: bool) -> tuple[Tensor, PreparedWeight]:
-        """One launch instead of the mask's torch ops and two `_cslt_compress` (24 us vs 210 us per
-        4096x1024 weight on the H100); same mask and same bytes."""
+        """One launch instead of the mask's torch ops and two `_cslt_compress` (`scripts/bench.py --only b`
+        times both); same mask and same bytes."""
         if mask is None:
             compressed, compressed_t, mask = fused_prune_compress(weight)
         elif need_input_grad:
@@ -598,7 +598,8 @@ def resolve_backend(requested: str, out_features: int, in_features: int, device,
     if requested == "auto" and narrowest < NARROW_LAYER_FEATURES:
         return EmulatedBackend(), (
             f"emulated (masked dense): {narrowest} features is below {NARROW_LAYER_FEATURES}, where cuSPARSELt "
-            "measured no gain on an H100 (ViT-B MLP 0.96x-1.06x); sparsity.backend=cusparselt forces it")
+            "measured no gain on an H100 (ViT-B MLP shapes, scripts/bench.py --only a); sparsity.backend=cusparselt "
+            "forces it")
     route, route_clause = _compress_route(compress, device, transposable, activations)
     reason = _cusparselt_reason(transposable, activations) + route_clause
     return CuSparseLtBackend(sparse_input_grad=transposable, compress=route, plans=plans), reason

@@ -19,10 +19,10 @@ from sparsetrain.sparse.config import BLOCK_BACKENDS
 
 KERNEL_BLOCK_SIZES = (16, 32, 64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# Measured at ViT-L MLP shapes on an H100 (results/speed.md, scripts/bench_block.py), 64x64 blocks:
-# 50% sparse 0.90-1.03x of cuBLAS, 80% 1.81-2.02x; the break-even lies near 52%, so auto starts at 60%.
+# At ViT-L MLP shapes on an H100, 64x64 blocks break even with cuBLAS a little above 50% sparse
+# (`scripts/bench_block.py --only gemm`), so auto starts at 60%.
 AUTO_MIN_SPARSITY = 0.6
-# Same run, 90% sparse: 16x16 blocks 0.69-0.74x (every 16-wide output tile re-reads its rows of x).
+# Same benchmark: 16x16 blocks stay slower than cuBLAS even at 90% (every 16-wide output tile re-reads its rows of x).
 AUTO_BLOCK_SIZES = (32, 64)
 
 
@@ -55,9 +55,10 @@ def resolve_block_route(requested: str, block_size: int, device, dtype: torch.dt
     if blockers:
         return "emulated", "emulated: " + "; ".join(blockers)
     if requested == "auto" and block_size not in AUTO_BLOCK_SIZES:
-        return "emulated", (f"emulated (masked dense): {block_size}x{block_size} blocks measured 0.69-0.74x of cuBLAS on "
-                            "an H100 (ViT-L MLP, 90% sparse); sparsity.backend=triton_bsr forces the kernels")
-    reason = "triton_bsr: forward and input grad skip pruned blocks, weight grad dense"
+        return "emulated", (f"emulated (masked dense): {block_size}x{block_size} blocks measured slower than cuBLAS on an "
+                            "H100 (ViT-L MLP, 90% sparse: scripts/bench_block.py); sparsity.backend=triton_bsr forces the "
+                            "kernels")
+    reason = "triton_bsr: forward and input grad skip pruned blocks, weight grad too once the mask is final"
     if requested == "auto":
         reason += f"; masked dense while the level is under {AUTO_MIN_SPARSITY:.0%} (kernels measured slower there)"
     return "triton_bsr", reason

@@ -314,7 +314,7 @@ class SparseGemmLayer(nn.Module):
             self._store_mask(self._fresh_mask(), step=None)
 
     # The flag buffers are written only when the flag changes: the schedule calls these every step, and a
-    # fill is a kernel launch (~5-10 us of host time each in eager). The Python mirrors stay exact, as
+    # fill is a kernel launch, host time an eager step pays for each. The Python mirrors stay exact, as
     # loading a state dict re-reads them from the buffers.
     def set_active(self, active: bool) -> None:
         """False: forward runs the plain dense op (dense phases of the schedule)."""

@@ -5,8 +5,8 @@ so each such call is registered as a custom op (namespace `sparsetrain`) with a 
 that only gives output shapes. The autograd Functions in `functions.py` then trace without graph
 breaks, and inductor fuses the dense work (casts, bias grads, the masked weight grad) around them.
 
-Eager code calls the same Python function directly: a trip through the op dispatcher costs about
-5-9 us of host time per call (measured on the CPU machine), and eager 2:4 training is host-bound.
+Eager code calls the same Python function directly: a trip through the op dispatcher adds host time to every
+call, and eager 2:4 training is host-bound (`scripts/profile_host.py`).
 """
 import functools
 import inspect

@@ -4,9 +4,8 @@ A BatchNorm's running mean and variance average the batch statistics of the last
 training that is harmless: train-mode BatchNorm normalises with each batch's own statistics. In evaluation it
 normalises with the running ones, and when masks move every step (blocks re-picked by magnitude or by DRESS
 scores, a pruned block growing back under the straight-through estimator) those describe networks that no longer
-exist. Measured on the Fashion-MNIST ResNet-50 at 80% block sparsity, blocks re-picked every step: 0.7901 top-1
-as trained, 0.8556 with the statistics re-estimated on 50 training batches and nothing else changed; at 90% one
-run trained to 87% batch accuracy and evaluated at chance (10%).
+exist: on the Fashion-MNIST ResNet-50 with blocks re-picked every step, evaluation with the running statistics
+loses points that re-estimating them on a few training batches gives back (results/accuracy.md).
 
 Re-estimating them changes nothing about training (train-mode BatchNorm never reads them), so a run's weights,
 masks and resume behaviour are the same with or without it; only evaluation and saved checkpoints see the new

@@ -1,7 +1,7 @@
 """The `cuda_graph:` option: every training forward + backward replays one captured CUDA graph.
 
-Eager 2:4 training is host-bound: each sparse linear costs ~1.1 ms of Python and launch time per step on
-the H100 (docs/performance.md), more than its GPU time at ViT-L widths. Replaying a graph costs one launch.
+Eager 2:4 training is host-bound: each sparse linear costs more Python and launch time per step than its GPU
+time at ViT-L widths (`scripts/profile_host.py`). Replaying a graph costs one launch.
 `torch.cuda.make_graphed_callables` captures the network's forward and backward; the loss, the optimizer,
 the schedule and the logging stay eager around it, so Lightning drives training as before.
 
@@ -38,7 +38,7 @@ MAX_SEEN = 64  # keys remembered as seen once, awaiting a second step to be capt
 
 def graph_key(layers: list, x: Tensor) -> tuple:
     """What a captured forward depends on besides tensor contents. `layers`: the model's sparse layers
-    (found once: walking a ViT-L's modules every step costs the host ~0.3 ms)."""
+    (found once: walking a ViT-L's modules every step would cost host time on the critical path)."""
     layers = tuple((layer._active, layer._frozen, layer.level, layer.fuse_gelu, layer.grad_mode) for layer in layers)
     autocast = torch.is_autocast_enabled(x.device.type)
     return (tuple(x.shape), x.dtype, x.device, autocast, torch.get_autocast_dtype(x.device.type) if autocast else None,

@@ -323,7 +323,7 @@ def _kernel_index(layer: SparseLinear):
 
 
 def _assert_index_of_mask(index, layer: SparseLinear) -> None:
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     b = layer.sparse_config.block_size
     expected = index_from_block_mask(layer.mask[::b, ::b].contiguous(), b)
     for name in INDEX_TENSORS:

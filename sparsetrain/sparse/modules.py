@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsetrain.sparse.backends import Backend, PreparedWeight, cusparselt_shape_blockers, resolve_backend
+from sparsetrain.gpu.backends import Backend, PreparedWeight, cusparselt_shape_blockers, resolve_backend
+from sparsetrain.gpu.backends.block_routes import kernel_serves, resolve_block_route
 from sparsetrain.sparse.block import (
     BlockScoreSTE,
     block_mask_from_scores,
@@ -32,8 +33,7 @@ from sparsetrain.sparse.block import (
     expand_block_mask,
     kept_block_count,
 )
-from sparsetrain.sparse.block_linear import (block_sparse_linear, block_sparse_linear_gelu, kernel_serves,
-                                             resolve_block_route)
+from sparsetrain.sparse.block_linear import block_sparse_linear, block_sparse_linear_gelu
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, SparsityConfig
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.masks import mask_24, mask_24_transposable
@@ -478,7 +478,7 @@ class SparseGemmLayer(nn.Module):
         before every replay) rewrites them in place when the mask changed between replays.
         """
         config = self.sparse_config
-        from sparsetrain.kernels.bsr_matmul import index_from_block_mask  # imports Triton: only where it runs
+        from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask  # imports Triton: only where it runs
 
         if self._scores_pick_blocks():
             block_mask = BlockScoreSTE.apply(self.block_scores, self.level)
@@ -517,7 +517,7 @@ class SparseGemmLayer(nn.Module):
                 and self._block_index[0] == self._block_index_key())
 
     def _build_block_index(self) -> tuple:
-        from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+        from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
         b = self.sparse_config.block_size
         m, k = self.mask.shape
         # any(): a mask loaded from weights' nonzeros may miss zeros inside a kept block.

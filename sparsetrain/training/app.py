@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from sparsetrain import kernels
-from sparsetrain.sparse.block_linear import KERNEL_BLOCK_SIZES
+from sparsetrain.gpu import kernels
+from sparsetrain.gpu.backends.block_routes import KERNEL_BLOCK_SIZES
 from sparsetrain.sparse.config import BlockConfig, config_from_dict
 from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
 from sparsetrain.sparse.schedules import PruneSchedule

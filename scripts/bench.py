@@ -519,7 +519,7 @@ def _squared_relu_mlp(d: int, h: int, act24: bool | None) -> nn.Module:
     """Linear - Squared-ReLU - Linear; act24 True/False: fc2's input activations 2:4 (transposable or
     row-wise) through the library's SparseLinear on cuSPARSELt; None: dense."""
     from sparsetrain.sparse import Act24Config, SparseLinear
-    from sparsetrain.training.models import SquaredReLU
+    from sparsetrain.models import SquaredReLU
     mlp = nn.Sequential(nn.Linear(d, h), SquaredReLU(), nn.Linear(h, d)).to("cuda", DT)
     if act24 is not None:
         mlp[2] = SparseLinear.from_dense(mlp[2], Act24Config(backend="cusparselt", transposable=act24), "fc2").train()

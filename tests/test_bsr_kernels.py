@@ -832,7 +832,7 @@ def test_gpu_exported_bsr_model_runs_the_kernels_and_matches_training(tmp_path):
     from sparsetrain.sparse import sparsify_
     from sparsetrain.sparse.config import BlockConfig
     from sparsetrain.sparse.sparsify import layer_table
-    from sparsetrain.training.models import create_model
+    from sparsetrain.models import create_model
     model_args = dict(name="vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=28, patch_size=7,
                       embed_dim=128, depth=2, num_heads=4, pretrained_path=None)
     torch.manual_seed(0)

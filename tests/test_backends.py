@@ -14,7 +14,7 @@ from sparsetrain.gpu.layout_sm90 import compress_sm90, decompress_sm90
 from sparsetrain.sparse.config import Semi24Config
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.masks import mask_24, mask_24_activations, mask_24_transposable
-from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.layers import SparseLinear
 
 HALF = [torch.bfloat16, torch.float16]
 triton_missing = importlib.util.find_spec("triton") is None

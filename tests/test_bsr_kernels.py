@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.sparse.block import expand_block_mask
-from sparsetrain.sparse.modules import _masked_weight
+from sparsetrain.sparse.layers.blocks import _masked_weight
 
 triton_missing = importlib.util.find_spec("triton") is None
 needs_triton = pytest.mark.skipif(triton_missing, reason="triton is not installed")
@@ -456,7 +456,7 @@ def test_block_layer_on_cpu_runs_emulated_and_forced_kernels_fail_at_first_forwa
     from torch import nn
 
     from sparsetrain.sparse.config import BlockConfig
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     layer = SparseLinear.from_dense(nn.Linear(64, 32), BlockConfig(block_size=16, sparsity=0.5), "fc")
     assert layer.describe()["backend"] == "emulated" and "need CUDA" in layer.describe()["reason"]
     forced = SparseLinear.from_dense(nn.Linear(64, 32), BlockConfig(block_size=16, backend="triton_bsr"), "fc")
@@ -680,7 +680,7 @@ def test_gpu_sparse_linear_auto_runs_the_kernels_and_matches_emulated(criterion,
     from torch import nn
 
     from sparsetrain.sparse.config import BlockConfig
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     torch.manual_seed(0)
     dense = nn.Linear(1024, 4096).cuda()
     config = dict(block_size=64, sparsity=0.9, criterion=criterion, grad_mode=grad_mode)
@@ -703,7 +703,7 @@ def test_gpu_auto_leaves_16_blocks_masked_dense_and_forcing_runs_the_kernels():
     from torch import nn
 
     from sparsetrain.sparse.config import BlockConfig
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     layers = {backend: SparseLinear.from_dense(nn.Linear(256, 256).cuda().bfloat16(),
                                                BlockConfig(block_size=16, sparsity=0.9, backend=backend), backend)

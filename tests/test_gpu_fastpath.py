@@ -16,7 +16,7 @@ from sparsetrain.gpu import kernels
 from sparsetrain.gpu.backends import CuSparseLtBackend, cslt_gemm, resolve_backend
 from sparsetrain.sparse.config import Semi24Config
 from sparsetrain.sparse.masks import mask_24_transposable
-from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.layers import SparseLinear
 
 pytestmark = [
     pytest.mark.gpu,

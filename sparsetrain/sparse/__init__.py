@@ -13,7 +13,7 @@ _SOURCES = {
     "sparsetrain.sparse.config": ("Act24Config", "BlockConfig", "Semi24Config", "config_from_dict"),
     "sparsetrain.sparse.functions": ("activation_sparse_linear", "weight_sparse_linear"),
     "sparsetrain.sparse.masks": ("is_24", "is_transposable_24", "mask_24", "mask_24_transposable"),
-    "sparsetrain.sparse.modules": ("SparseConv1x1", "SparseGemmLayer", "SparseLinear"),
+    "sparsetrain.sparse.layers": ("SparseConv1x1", "SparseGemmLayer", "SparseLinear"),
     "sparsetrain.sparse.schedules": ("Phase", "PruneSchedule"),
     "sparsetrain.sparse.sparsify": ("LayerRecord", "densify_", "layer_table", "mask_checksum", "sparse_modules",
                                     "sparsify_"),

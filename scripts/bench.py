@@ -143,8 +143,8 @@ def sparse_mm(compressed, dense_t, bias=None):
 
 
 def cached_mm(compressed, dense_t, bias=None):
-    """Same GEMM through sparsetrain.kernels.cslt_plans: the cuSPARSELt plan is built once per shape."""
-    from sparsetrain.kernels.cslt_plans import sparse_mm as plan_mm
+    """Same GEMM through sparsetrain.gpu.kernels.cslt_plans: the cuSPARSELt plan is built once per shape."""
+    from sparsetrain.gpu.kernels.cslt_plans import sparse_mm as plan_mm
     return plan_mm(compressed, dense_t, True, _alg(compressed, dense_t), bias=bias)
 
 
@@ -156,7 +156,7 @@ def torch_route(w):
 
 
 def kernel_route(w):
-    from sparsetrain.kernels import prune_compress_transposable
+    from sparsetrain.gpu.kernels import prune_compress_transposable
     c, c_t, _ = prune_compress_transposable(w, want_mask=False)
     return c, c_t
 
@@ -273,7 +273,8 @@ def section_a(t: Timer, quick: bool) -> list[dict]:
 
 def section_b(t: Timer, quick: bool) -> list[dict]:
     """Prune + compress both ways per weight: torch-op route vs the fused kernel, plus the floor."""
-    from sparsetrain.kernels import compress_masked, compress_pruned, prune_compress_into, prune_compress_transposable
+    from sparsetrain.gpu.kernels import (compress_masked, compress_pruned, prune_compress_into,
+                                         prune_compress_transposable)
     from sparsetrain.sparse import compress_sm90, mask_24_transposable
     copy_src = torch.randn(1 << 26, device="cuda", dtype=DT)
     copy_dst = torch.empty_like(copy_src)
@@ -332,7 +333,7 @@ def section_b(t: Timer, quick: bool) -> list[dict]:
 
 def section_c(t: Timer, quick: bool) -> list[dict]:
     """CPU time to issue one call: sparse (cuSPARSELt) vs dense, at the ViT-L fc1 shape."""
-    from sparsetrain.kernels import compress_masked, prune_compress_transposable
+    from sparsetrain.gpu.kernels import compress_masked, prune_compress_transposable
     from sparsetrain.sparse import CuSparseLtBackend, mask_24_transposable
     d, h = MLP_SHAPES["vit_l"]
     x = torch.randn(TOKENS, d, device="cuda", dtype=DT)
@@ -518,7 +519,7 @@ def _squared_relu_mlp(d: int, h: int, act24: bool | None) -> nn.Module:
     """Linear - Squared-ReLU - Linear; act24 True/False: fc2's input activations 2:4 (transposable or
     row-wise) through the library's SparseLinear on cuSPARSELt; None: dense."""
     from sparsetrain.sparse import Act24Config, SparseLinear
-    from sparsetrain.training.models import SquaredReLU
+    from sparsetrain.models import SquaredReLU
     mlp = nn.Sequential(nn.Linear(d, h), SquaredReLU(), nn.Linear(h, d)).to("cuda", DT)
     if act24 is not None:
         mlp[2] = SparseLinear.from_dense(mlp[2], Act24Config(backend="cusparselt", transposable=act24), "fc2").train()
@@ -570,7 +571,7 @@ class StaticSparseLinear(nn.Module):
     (plan cache, searched and verified algorithm), so it runs eager, in a CUDA graph or compiled."""
 
     def __init__(self, dense: nn.Linear):
-        from sparsetrain.kernels import compress_masked
+        from sparsetrain.gpu.kernels import compress_masked
         from sparsetrain.sparse import mask_24_transposable
         super().__init__()
         weight = dense.weight.detach()
@@ -580,7 +581,7 @@ class StaticSparseLinear(nn.Module):
         self.register_buffer("bias", None if dense.bias is None else dense.bias.detach())
 
     def forward(self, x):
-        from sparsetrain.sparse.backends import cslt_linear
+        from sparsetrain.gpu.backends.cslt_ops import cslt_linear
         y = cslt_linear(x.reshape(-1, x.shape[-1]), self.compressed, self.weight, self.mask, self.bias, None, None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

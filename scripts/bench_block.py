@@ -31,8 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sparsetrain.kernels import bsr_autotune  # noqa: E402
-from sparsetrain.kernels.bsr_matmul import (  # noqa: E402
+from sparsetrain.gpu.kernels import bsr_autotune  # noqa: E402
+from sparsetrain.gpu.kernels.bsr_matmul import (  # noqa: E402
     block_sparse_input_grad,
     block_sparse_linear,
     index_from_block_mask,

@@ -66,7 +66,7 @@ def recipe_settings(recipe: str) -> dict:
 
 def build_vit(settings: dict, variant: str) -> nn.Module:
     from sparsetrain.sparse import Semi24Config, sparsify_
-    from sparsetrain.training.models import create_model
+    from sparsetrain.models import create_model
 
     torch.manual_seed(0)
     model = create_model(settings["model"], num_classes=10, img_size=settings["img_size"],
@@ -149,7 +149,7 @@ def mlp_block(settings: dict, variant: str) -> Callable[[], float]:
 
 def model_widths(settings: dict) -> dict:
     """The MLP's widths and the rows it sees (batch x tokens), read off the model built on the meta device."""
-    from sparsetrain.training.models import create_model
+    from sparsetrain.models import create_model
 
     with torch.device("meta"):
         model = create_model(settings["model"], num_classes=10, img_size=settings["img_size"])

@@ -37,10 +37,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from sparsetrain.models import COMPILE_WRAPPER_PREFIX, LIGHTNING_MODEL_PREFIX, create_model
 from sparsetrain.sparse.block import block_mask_from_scores, expand_block_mask, set_block_level
 from sparsetrain.sparse.block_linear import fuse_mlp_gelu_
+from sparsetrain.sparse.section import build_sparsity
 from sparsetrain.sparse.sparsify import layer_table, sparse_modules
-from sparsetrain.training.models import COMPILE_WRAPPER_PREFIX, LIGHTNING_MODEL_PREFIX, create_model
 
 FORMATS = ("dense", "semi24", "bsr")
 # The run's sparsity pattern each compressed format stores; dense applies to every run.
@@ -136,10 +137,8 @@ def model_arguments(model_cfg) -> dict:
 
 def rebuild_trained_model(cfg: DictConfig, state: dict[str, Tensor], checkpoint: Path, config_path: Path) -> nn.Module:
     """The run's model, sparsified as the run did, holding the checkpoint's weights, masks and scores."""
-    from sparsetrain.training.app import build_sparsity  # Lightning and Hydra: only needed here
-
     model = create_model(**model_arguments(cfg.model))
-    build_sparsity(model, cfg.sparsity)
+    build_sparsity(model, OmegaConf.to_container(cfg.sparsity, resolve=True))
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -369,9 +368,7 @@ def dense_weights(tensors: dict[str, Tensor], layers: list[dict]) -> tuple[dict[
 def attach_sparse_layers(model: nn.Module, metadata: dict, masks: dict[str, Tensor]) -> None:
     """Swap in the run's sparse layers; weight-sparse ones get the exported mask (where the layout has none:
     the weight's nonzeros), frozen, and each layer the active state it ended training with."""
-    from sparsetrain.training.app import build_sparsity
-
-    build_sparsity(model, OmegaConf.create(metadata["sparsity"]))
+    build_sparsity(model, metadata["sparsity"])
     active = {layer["name"]: layer["active"] for layer in metadata["layers"]}
     with torch.no_grad():
         for name, layer in sparse_modules(model):

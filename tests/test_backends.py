@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from sparsetrain import kernels
-from sparsetrain.kernels import cslt_plans
-from sparsetrain.sparse import backends
-from sparsetrain.sparse.backends import CuSparseLtBackend, EmulatedBackend, resolve_backend
+from sparsetrain.gpu import kernels
+from sparsetrain.gpu.backends import CuSparseLtBackend, EmulatedBackend, cslt_gemm, resolve_backend
+from sparsetrain.gpu.kernels import cslt_plans
+from sparsetrain.gpu.layout_sm90 import compress_sm90, decompress_sm90
 from sparsetrain.sparse.config import Semi24Config
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
-from sparsetrain.sparse.layout_sm90 import compress_sm90, decompress_sm90
 from sparsetrain.sparse.masks import mask_24, mask_24_activations, mask_24_transposable
-from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.layers import SparseLinear
 
 HALF = [torch.bfloat16, torch.float16]
 triton_missing = importlib.util.find_spec("triton") is None
@@ -333,8 +332,8 @@ def fake_cusparselt(monkeypatch, tmp_path):
     monkeypatch.setattr(torch, "_cslt_compress", fake.compress, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", fake.sparse_mm, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", fake.search, raising=False)
-    monkeypatch.setattr(backends, "_ALGORITHMS", {})
-    monkeypatch.delenv(backends.PLANS_ENV, raising=False)
+    monkeypatch.setattr(cslt_gemm, "_ALGORITHMS", {})
+    monkeypatch.delenv(cslt_gemm.PLANS_ENV, raising=False)
     return fake
 
 
@@ -351,7 +350,7 @@ def fake_kernels(monkeypatch):
 @pytest.fixture
 def fake_plans(monkeypatch, fake_cusparselt):
     """The plan cache 'builds' and runs the stand-in GEMM."""
-    monkeypatch.setattr(backends, "_plan_cache_error", lambda: None)
+    monkeypatch.setattr(cslt_gemm, "_plan_cache_error", lambda: None)
     monkeypatch.setattr(cslt_plans, "sparse_mm", fake_cusparselt.plans_sparse_mm)
     return fake_cusparselt
 
@@ -503,7 +502,7 @@ def test_broken_searched_algorithm_falls_back_to_0(fake_cusparselt):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backend.linear(x, prepared, None)  # cached: no second search, no warning
-    assert list(backends._ALGORITHMS.values()) == [0]
+    assert list(cslt_gemm._ALGORITHMS.values()) == [0]
 
 
 def run_linear_once(rows=16):
@@ -515,11 +514,11 @@ def run_linear_once(rows=16):
 
 def test_a_chosen_algorithm_is_stored_and_a_new_process_checks_it_instead_of_searching(fake_cusparselt, monkeypatch):
     run_linear_once()
-    stored = json.loads(backends.ALGORITHM_FILE.path.read_text())
+    stored = json.loads(cslt_gemm.ALGORITHM_FILE.path.read_text())
     assert list(stored.values()) == [7] and len(fake_cusparselt.searches) == 1
     key = next(iter(stored))
     assert key.startswith("64x72|128x16|") and f"torch{torch.__version__}" in key and "|cpu|" in key
-    monkeypatch.setattr(backends, "_ALGORITHMS", {})  # a new process
+    monkeypatch.setattr(cslt_gemm, "_ALGORITHMS", {})  # a new process
     fake_cusparselt.algorithms_run.clear()
     run_linear_once()
     assert len(fake_cusparselt.searches) == 1, "the stored choice spares the search"
@@ -528,17 +527,17 @@ def test_a_chosen_algorithm_is_stored_and_a_new_process_checks_it_instead_of_sea
 
 def test_a_stored_algorithm_that_fails_its_check_is_searched_again(fake_cusparselt, monkeypatch):
     run_linear_once()
-    key = next(iter(json.loads(backends.ALGORITHM_FILE.path.read_text())))
-    backends.ALGORITHM_FILE.persist(key, BROKEN_ALGORITHM)
-    monkeypatch.setattr(backends, "_ALGORITHMS", {})
+    key = next(iter(json.loads(cslt_gemm.ALGORITHM_FILE.path.read_text())))
+    cslt_gemm.ALGORITHM_FILE.persist(key, BROKEN_ALGORITHM)
+    monkeypatch.setattr(cslt_gemm, "_ALGORITHMS", {})
     with pytest.warns(UserWarning, match="searching again"):
         run_linear_once()
     assert len(fake_cusparselt.searches) == 2
-    assert json.loads(backends.ALGORITHM_FILE.path.read_text()) == {key: 7}
+    assert json.loads(cslt_gemm.ALGORITHM_FILE.path.read_text()) == {key: 7}
 
 
 def test_a_damaged_algorithm_file_means_searching_not_failing(fake_cusparselt, caplog):
-    path = backends.ALGORITHM_FILE.path
+    path = cslt_gemm.ALGORITHM_FILE.path
     path.parent.mkdir(parents=True)
     path.write_text("[1, 2")
     run_linear_once()
@@ -549,36 +548,36 @@ def test_a_damaged_algorithm_file_means_searching_not_failing(fake_cusparselt, c
 class TestPlanCacheChoice:
     @staticmethod
     def gemm_runner(backend):
-        return backends._pick_matmul(backend.plans)
+        return cslt_gemm.pick_matmul(backend.plans)
 
     def test_environment_forces_either(self, fake_cusparselt, monkeypatch):
-        monkeypatch.setattr(backends, "_plan_cache_error", lambda: None)
-        monkeypatch.setenv(backends.PLANS_ENV, "0")
-        assert self.gemm_runner(CuSparseLtBackend(True)) is backends._torch_mm
-        monkeypatch.setenv(backends.PLANS_ENV, "1")
-        assert self.gemm_runner(CuSparseLtBackend(True)) is backends._plans_mm
-        assert self.gemm_runner(CuSparseLtBackend(True, plans=False)) is backends._torch_mm  # the argument wins
-        monkeypatch.setenv(backends.PLANS_ENV, "yes")
+        monkeypatch.setattr(cslt_gemm, "_plan_cache_error", lambda: None)
+        monkeypatch.setenv(cslt_gemm.PLANS_ENV, "0")
+        assert self.gemm_runner(CuSparseLtBackend(True)) is cslt_gemm.torch_mm
+        monkeypatch.setenv(cslt_gemm.PLANS_ENV, "1")
+        assert self.gemm_runner(CuSparseLtBackend(True)) is cslt_gemm._plans_mm
+        assert self.gemm_runner(CuSparseLtBackend(True, plans=False)) is cslt_gemm.torch_mm  # the argument wins
+        monkeypatch.setenv(cslt_gemm.PLANS_ENV, "yes")
         with pytest.raises(ValueError, match="use 1 .* 0 .* or leave it unset"):
             CuSparseLtBackend(True)
 
     def test_forced_plans_that_cannot_build_name_the_fix(self, fake_cusparselt, monkeypatch):
-        monkeypatch.setattr(backends, "_plan_cache_error", lambda: "RuntimeError: no C++ compiler found")
+        monkeypatch.setattr(cslt_gemm, "_plan_cache_error", lambda: "RuntimeError: no C++ compiler found")
         with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found.*SPARSETRAIN_CSLT_PLANS=0"):
             self.gemm_runner(CuSparseLtBackend(True, plans=True))
-        assert self.gemm_runner(CuSparseLtBackend(True)) is backends._torch_mm
+        assert self.gemm_runner(CuSparseLtBackend(True)) is cslt_gemm.torch_mm
 
     def test_build_failure_falls_back_and_is_logged_once(self, fake_cusparselt, monkeypatch, caplog):
         def broken_load():
             raise RuntimeError("building the cuSPARSELt plan cache failed: cusparseLt.h: No such file")
         monkeypatch.setattr(cslt_plans, "load", broken_load)
-        backends._plan_cache_error.cache_clear()
+        cslt_gemm._plan_cache_error.cache_clear()
         try:
             with caplog.at_level(logging.WARNING, logger="sparsetrain"):
                 for _ in range(3):
-                    assert self.gemm_runner(CuSparseLtBackend(True)) is backends._torch_mm
+                    assert self.gemm_runner(CuSparseLtBackend(True)) is cslt_gemm.torch_mm
         finally:
-            backends._plan_cache_error.cache_clear()
+            cslt_gemm._plan_cache_error.cache_clear()
         warnings_logged = [r.getMessage() for r in caplog.records if "plan cache unavailable" in r.getMessage()]
         assert len(warnings_logged) == 1 and "cusparseLt.h: No such file" in warnings_logged[0]
 

@@ -126,7 +126,7 @@ def test_a_final_mask_gives_pruned_blocks_no_gradient_whatever_the_grad_mode(cri
     they get no gradient (what the block-sparse weight gradient computes), and the graph key says so."""
     from torch import nn
 
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     from sparsetrain.sparse.schedules import PruneSchedule
     from sparsetrain.training.cuda_graphs import graph_key
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.sparse.block import expand_block_mask
-from sparsetrain.sparse.modules import _masked_weight
+from sparsetrain.sparse.layers.blocks import _masked_weight
 
 triton_missing = importlib.util.find_spec("triton") is None
 needs_triton = pytest.mark.skipif(triton_missing, reason="triton is not installed")
@@ -86,19 +86,19 @@ def _mlp_case(b: int):
 # --------------------------------------------------------------------- the interpreter's child process
 def _config(fields):
     """A KernelConfig from a plain tuple (the child's inputs load with weights_only); None: the default."""
-    from sparsetrain.kernels.bsr_autotune import KernelConfig
+    from sparsetrain.gpu.kernels.bsr_autotune import KernelConfig
     return None if fields is None else KernelConfig(*fields)
 
 
 def _child_forward(x, w, bias, block_mask, block_size, gelu, config=None):
-    from sparsetrain.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
     return block_sparse_linear(x, w, index_from_block_mask(block_mask, block_size), bias, gelu=gelu,
                                config=_config(config))
 
 
 def _child_forward_without_tma(x, w, block_mask, block_size, config):
     """The forward with the TMA kernel made to fail if launched: the config must fall back to the pointer kernel."""
-    from sparsetrain.kernels import bsr_matmul
+    from sparsetrain.gpu.kernels import bsr_matmul
 
     class NotLaunchable:
         def __getitem__(self, grid):
@@ -108,18 +108,18 @@ def _child_forward_without_tma(x, w, block_mask, block_size, config):
 
 
 def _child_input_grad(gy, w, block_mask, block_size, config=None):
-    from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
     return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), config=_config(config))
 
 
 def _child_weight_grad(gy, x, block_mask, block_size, config=None):
-    from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
     return block_sparse_weight_grad(gy, x, index_from_block_mask(block_mask, block_size), config=_config(config))
 
 
 def _child_masked_autograd(x, w, bias, gy, block_mask, block_size):
     """grad_mode "masked" with a stored (bool) block mask: the weight grad runs on the kernel."""
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     from sparsetrain.sparse.block_linear import block_sparse_linear
     x, w, bias = (t.clone().requires_grad_(True) for t in (x, w, bias))
     y = block_sparse_linear(x, w, bias, block_mask, index_from_block_mask(block_mask, block_size), "masked")
@@ -128,7 +128,7 @@ def _child_masked_autograd(x, w, bias, gy, block_mask, block_size):
 
 
 def _child_autograd(x, w, bias, gy, block_mask, block_size, grad_mode):
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     from sparsetrain.sparse.block_linear import block_sparse_linear
     x, w, bias = (t.clone().requires_grad_(True) for t in (x, w, bias))
     learned = block_mask.float().requires_grad_(True)  # the STE mask of DRESS scores
@@ -139,14 +139,14 @@ def _child_autograd(x, w, bias, gy, block_mask, block_size, grad_mode):
 
 
 def _child_gelu_input_grad(gy, w, h, block_mask, block_size, config=None):
-    from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_input_grad, index_from_block_mask
     return block_sparse_input_grad(gy, w, index_from_block_mask(block_mask, block_size), gelu_input=h,
                                    config=_config(config))
 
 
 def _child_mlp(x, fc1, fc2, gy, block_size, grad_mode):
     """The fused fc1 -> GELU -> fc2 node: output and the gradients of x and of each layer's W, bias, mask."""
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     from sparsetrain.sparse.block_linear import block_sparse_mlp
     x = x.clone().requires_grad_(True)
     leaves, operands = [], []
@@ -163,7 +163,7 @@ def _child_mlp(x, fc1, fc2, gy, block_size, grad_mode):
 def _child_export_round_trip(w, block_mask, block_size, x):
     """Export's bsr parts -> load's dense weight and mask -> the kernel's index -> the forward."""
     from sparsetrain.export import compress_bsr, dense_weights
-    from sparsetrain.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
     b = block_size
     parts = compress_bsr(w, expand_block_mask(block_mask, b), b, "fc")
     tensors = {f"fc.weight.{name}": value for name, value in parts.items()}
@@ -389,7 +389,7 @@ def test_exported_bsr_loads_into_the_kernel_format(interpreted):
 # --------------------------------------------------------------------- host-side: index, checks, config
 @needs_triton
 def test_index_lists_kept_blocks_first_in_order():
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     mask = torch.tensor([[False, True, False, True], [False, False, False, False], [True, True, True, True]])
     index = index_from_block_mask(mask, 32)
     assert index.row_counts.tolist() == [2, 0, 4] and index.col_counts.tolist() == [1, 2, 1, 2]
@@ -403,7 +403,7 @@ def test_index_lists_kept_blocks_first_in_order():
 
 @needs_triton
 def test_index_of_random_masks_matches_nonzero():
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     mask = torch.rand(37, 23, generator=torch.Generator().manual_seed(0)) < 0.3
     index = index_from_block_mask(mask, 16)
     for r in range(mask.shape[0]):
@@ -416,7 +416,7 @@ def test_index_of_random_masks_matches_nonzero():
 
 @needs_triton
 def test_bad_operands_are_named_before_any_launch():
-    from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
     mask = torch.ones(2, 3, dtype=torch.bool)
     index = index_from_block_mask(mask, 16)
     w = torch.randn(32, 48).half()
@@ -435,7 +435,7 @@ def test_bad_operands_are_named_before_any_launch():
 
 
 def test_block_backend_is_validated_and_resolved_with_a_reason():
-    from sparsetrain.sparse.block_linear import kernel_serves, resolve_block_route
+    from sparsetrain.gpu.backends.block_routes import kernel_serves, resolve_block_route
     from sparsetrain.sparse.config import BlockConfig, Semi24Config
     assert BlockConfig(backend="triton_bsr").backend == "triton_bsr"
     with pytest.raises(ValueError, match="not supported"):
@@ -456,7 +456,7 @@ def test_block_layer_on_cpu_runs_emulated_and_forced_kernels_fail_at_first_forwa
     from torch import nn
 
     from sparsetrain.sparse.config import BlockConfig
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     layer = SparseLinear.from_dense(nn.Linear(64, 32), BlockConfig(block_size=16, sparsity=0.5), "fc")
     assert layer.describe()["backend"] == "emulated" and "need CUDA" in layer.describe()["reason"]
     forced = SparseLinear.from_dense(nn.Linear(64, 32), BlockConfig(block_size=16, backend="triton_bsr"), "fc")
@@ -523,7 +523,7 @@ def test_fusing_block_mlps_keeps_parameters_keys_and_function():
 def fresh_tuning(tmp_path, monkeypatch):
     if triton_missing:
         pytest.skip("triton is not installed")
-    from sparsetrain.kernels import bsr_autotune
+    from sparsetrain.gpu.kernels import bsr_autotune
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(bsr_autotune, "_entries", None)
     return bsr_autotune
@@ -556,7 +556,7 @@ def test_tuning_passes_over_candidates_that_cannot_run_here(monkeypatch):
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
-    from sparsetrain.kernels import bsr_autotune as tuning
+    from sparsetrain.gpu.kernels import bsr_autotune as tuning
     cfg = tuning.KernelConfig
     failures = {cfg(64, 4, 2): None, cfg(256, 8, 4): OutOfResources(300000, 232448, "shared memory"),
                 cfg(64, 4, 3, tma=True): tuning.ConfigUnsupported("unaligned"),
@@ -585,14 +585,14 @@ def test_a_damaged_tuning_file_means_retuning_not_failing(fresh_tuning):
 def test_tuning_keys_bucket_rows_and_density():
     if triton_missing:
         pytest.skip("triton is not installed")
-    from sparsetrain.kernels import bsr_autotune
+    from sparsetrain.gpu.kernels import bsr_autotune
     assert bsr_autotune.density_bucket(0.1) == 0.1 and bsr_autotune.density_bucket(0.23) == 0.2
     assert bsr_autotune.density_bucket(0.0) == 0.05 and bsr_autotune.density_bucket(0.96) == 1.0
 
 
 # --------------------------------------------------------------------- GPU
 def _gpu():
-    from sparsetrain import kernels
+    from sparsetrain.gpu import kernels
     if not kernels.available():
         pytest.skip("needs Triton and a CUDA GPU (sm80+)")
 
@@ -604,8 +604,8 @@ def _gpu():
 @pytest.mark.parametrize("shape", [(1000, 256, 192), (12608, 1024, 4096)])
 def test_gpu_kernels_equal_masked_dense(kernel, b, dtype, shape):
     _gpu()
-    from sparsetrain.kernels import bsr_autotune
-    from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
+    from sparsetrain.gpu.kernels import bsr_autotune
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
     rows, out_f, in_f = shape
     g = torch.Generator(device="cuda").manual_seed(b)
     x = torch.randn(rows, in_f, device="cuda", generator=g).to(dtype)
@@ -647,8 +647,8 @@ def test_gpu_weight_grad_equals_masked_dense_and_tunes_among_its_own_candidates(
     the tuned configuration is one of the weight grad's candidates; and under deterministic algorithms the
     result is bit-identical between calls."""
     _gpu()
-    from sparsetrain.kernels import bsr_autotune
-    from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
+    from sparsetrain.gpu.kernels import bsr_autotune
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(bsr_autotune, "_entries", None)
     torch.manual_seed(b)
@@ -680,7 +680,7 @@ def test_gpu_sparse_linear_auto_runs_the_kernels_and_matches_emulated(criterion,
     from torch import nn
 
     from sparsetrain.sparse.config import BlockConfig
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     torch.manual_seed(0)
     dense = nn.Linear(1024, 4096).cuda()
     config = dict(block_size=64, sparsity=0.9, criterion=criterion, grad_mode=grad_mode)
@@ -703,7 +703,7 @@ def test_gpu_auto_leaves_16_blocks_masked_dense_and_forcing_runs_the_kernels():
     from torch import nn
 
     from sparsetrain.sparse.config import BlockConfig
-    from sparsetrain.sparse.modules import SparseLinear
+    from sparsetrain.sparse.layers import SparseLinear
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     layers = {backend: SparseLinear.from_dense(nn.Linear(256, 256).cuda().bfloat16(),
                                                BlockConfig(block_size=16, sparsity=0.9, backend=backend), backend)
@@ -718,7 +718,7 @@ def test_gpu_index_rebuilt_inside_a_cuda_graph_follows_the_mask():
     """The per-step route (index from the mask, then both kernels) captures into one graph, and a replay
     after the mask changed in place computes with the new mask: no host sync, no stale index."""
     _gpu()
-    from sparsetrain.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_input_grad, block_sparse_linear, index_from_block_mask
     b = 64
     x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) / 32
@@ -748,8 +748,8 @@ def test_gpu_index_rebuilt_inside_a_cuda_graph_follows_the_mask():
 @pytest.mark.gpu
 def test_gpu_tuning_is_written_to_the_cache_file(tmp_path, monkeypatch):
     _gpu()
-    from sparsetrain.kernels import bsr_autotune
-    from sparsetrain.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
+    from sparsetrain.gpu.kernels import bsr_autotune
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_linear, index_from_block_mask
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(bsr_autotune, "_entries", None)
     x = torch.randn(2000, 512, device="cuda", dtype=torch.bfloat16)
@@ -768,8 +768,8 @@ def test_gpu_weight_grad_equals_masked_dense_and_tunes_among_its_own_candidates(
     the tuned configuration is one of the weight grad's candidates; and under deterministic algorithms the
     result is bit-identical between calls."""
     _gpu()
-    from sparsetrain.kernels import bsr_autotune
-    from sparsetrain.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
+    from sparsetrain.gpu.kernels import bsr_autotune
+    from sparsetrain.gpu.kernels.bsr_matmul import block_sparse_weight_grad, index_from_block_mask
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(bsr_autotune, "_entries", None)
     torch.manual_seed(b)
@@ -832,7 +832,7 @@ def test_gpu_exported_bsr_model_runs_the_kernels_and_matches_training(tmp_path):
     from sparsetrain.sparse import sparsify_
     from sparsetrain.sparse.config import BlockConfig
     from sparsetrain.sparse.sparsify import layer_table
-    from sparsetrain.training.models import create_model
+    from sparsetrain.models import create_model
     model_args = dict(name="vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=28, patch_size=7,
                       embed_dim=128, depth=2, num_heads=4, pretrained_path=None)
     torch.manual_seed(0)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain.sparse.backends import CuSparseLtBackend
+from sparsetrain.gpu.backends import CuSparseLtBackend
+from sparsetrain.gpu.ops import opaque_op
 from sparsetrain.sparse.block import set_block_level
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
-from sparsetrain.sparse.modules import SparseLinear
-from sparsetrain.sparse.ops import opaque_op
+from sparsetrain.sparse.layers import SparseLinear
 from sparsetrain.sparse.schedules import Phase
 from sparsetrain.sparse.sparsify import sparse_modules, sparsify_
 from tests.test_backends import fake_cusparselt, fake_kernels  # noqa: F401 - pytest fixtures

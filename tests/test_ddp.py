@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from sparsetrain.sparse.config import Semi24Config
+from sparsetrain.sparse.section import build_sparsity
 from sparsetrain.sparse.sparsify import mask_checksum, sparsify_
-from sparsetrain.training.app import build_sparsity
 from sparsetrain.training.consistency import MaskDivergenceError, _require_agreement
 from sparsetrain.training.resumable import read_metric_rows
 from tests.helpers import TINY, compose_cfg

@@ -15,7 +15,8 @@ from sparsetrain.export import (ExportError, compress_semi24, decompress_semi24,
                                 network_state, read_checkpoint)
 from sparsetrain.sparse.masks import mask_24
 from sparsetrain.sparse.sparsify import sparse_modules
-from sparsetrain.training.app import build_sparsity, train
+from sparsetrain.sparse.section import build_sparsity
+from sparsetrain.training.app import train
 from tests.helpers import ROOT, TINY, compose_cfg
 
 SMALL = [*TINY, "model.depth=1"]
@@ -76,6 +77,24 @@ def test_exported_model_computes_what_the_training_model_did(runs, exports, patt
         exported = load_exported(exports[pattern, fmt])
         assert not exported.training
         torch.testing.assert_close(exported(x), expected, atol=1e-6, rtol=1e-6)
+
+
+EXPORT_WITHOUT_TRAINING = """
+import sys
+from sparsetrain.export import export, load_exported
+out = export(sys.argv[1], "semi24", sys.argv[2])
+load_exported(out, sparse_layers=True)
+imported = sorted(m for m in sys.modules if m.startswith(("sparsetrain.training", "lightning", "hydra")))
+assert not imported, imported
+"""
+
+
+def test_export_and_load_import_no_training_code(runs, tmp_path):
+    run_dir, _ = runs["semi24"]
+    done = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_TRAINING, str(run_dir / "checkpoints" / "last.ckpt"),
+                           str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_semi24_export_runs_on_the_sparse_layers_too(runs, exports):

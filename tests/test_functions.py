@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetrain.sparse.backends import EmulatedBackend
+from sparsetrain.gpu.backends import EmulatedBackend
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
 from sparsetrain.sparse.masks import is_24, is_transposable_24, mask_24, mask_24_transposable
 

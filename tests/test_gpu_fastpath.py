@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain import kernels
-from sparsetrain.sparse import backends
-from sparsetrain.sparse.backends import CuSparseLtBackend, resolve_backend
+from sparsetrain.gpu import kernels
+from sparsetrain.gpu.backends import CuSparseLtBackend, cslt_gemm, resolve_backend
 from sparsetrain.sparse.config import Semi24Config
 from sparsetrain.sparse.masks import mask_24_transposable
-from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.layers import SparseLinear
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +37,7 @@ def require(compress: str, plans: bool) -> None:
             pytest.skip(f"the fused kernel writes sm90's layout and needs Triton; this GPU is sm{capability[0]}"
                         f"{capability[1]}, Triton available: {kernels.available()}")
     if plans:
-        error = backends._plan_cache_error()
+        error = cslt_gemm._plan_cache_error()
         if error is not None:
             pytest.skip(f"the cuSPARSELt plan cache does not build here: {error}")
 
@@ -193,9 +192,9 @@ def test_plan_cache_equals_torch_op_bit_for_bit():
     compressed = torch._cslt_compress(w * mask_24_transposable(w.abs()))
     for with_bias in (None, bias):
         for alg_id in (0, int(torch._cslt_sparse_mm_search(compressed, x.t(), transpose_result=True))):
-            got = backends._plans_mm(compressed, x.t(), True, alg_id, with_bias)
+            got = cslt_gemm._plans_mm(compressed, x.t(), True, alg_id, with_bias)
             assert_same_bits(f"plan cache vs torch, alg {alg_id}, bias {with_bias is not None}", got,
-                             backends._torch_mm(compressed, x.t(), True, alg_id, with_bias))
+                             cslt_gemm.torch_mm(compressed, x.t(), True, alg_id, with_bias))
 
 
 # ---- whole-step CUDA graph capture (what bench.py's graph rows time) ----

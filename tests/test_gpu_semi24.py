@@ -10,10 +10,9 @@ import warnings
 import pytest
 import torch
 
-from sparsetrain.sparse import backends
-from sparsetrain.sparse.backends import CuSparseLtBackend, EmulatedBackend, resolve_backend
+from sparsetrain.gpu.backends import CuSparseLtBackend, EmulatedBackend, cslt_gemm, resolve_backend
+from sparsetrain.gpu.layout_sm90 import compress_sm90
 from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
-from sparsetrain.sparse.layout_sm90 import compress_sm90
 from sparsetrain.sparse.masks import mask_24, mask_24_transposable
 
 pytestmark = [
@@ -167,7 +166,7 @@ def test_weight_sparse_linear_token_counts_and_fp16(dtype, tokens):
 
 
 def test_searched_algorithms_pass_verification(monkeypatch, tmp_path):
-    monkeypatch.setattr(backends, "_ALGORITHMS", {})
+    monkeypatch.setattr(cslt_gemm, "_ALGORITHMS", {})
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))  # no stored choices: search
     backend = CuSparseLtBackend(sparse_input_grad=True)
     x = cpu_randn(64 * 197, 1024, seed=5, dtype=torch.bfloat16).cuda().requires_grad_()
@@ -176,10 +175,10 @@ def test_searched_algorithms_pass_verification(monkeypatch, tmp_path):
         warnings.simplefilter("always")
         weight_sparse_linear(x, w, None, mask_24_transposable(w.abs()), backend).sum().backward()
     fallbacks = [str(c.message) for c in caught if "uses algorithm 0" in str(c.message)]
-    assert len(backends._ALGORITHMS) == 2, f"expected forward + input-grad entries, got {backends._ALGORITHMS}"
+    assert len(cslt_gemm._ALGORITHMS) == 2, f"expected forward + input-grad entries, got {cslt_gemm._ALGORITHMS}"
     # Results stay right with algorithm 0, but slower: a fallback here is worth a bug report upstream.
     assert not fallbacks, fallbacks
-    assert len(json.loads(backends.ALGORITHM_FILE.path.read_text())) == 2, "the choices are stored"
+    assert len(json.loads(cslt_gemm.ALGORITHM_FILE.path.read_text())) == 2, "the choices are stored"
 
 
 # ---- activation sparsity: cuSPARSELt equals emulated on the same GPU ----

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparsetrain.sparse.layout_sm90 import compress_sm90
+from sparsetrain.gpu.layout_sm90 import compress_sm90
 from sparsetrain.sparse.masks import is_transposable_24, mask_24, mask_24_transposable
 
 triton_missing = importlib.util.find_spec("triton") is None
-KERNEL_SOURCE = (pathlib.Path(__file__).resolve().parents[1] / "sparsetrain/kernels/prune_compress.py").read_text()
+KERNEL_SOURCE = (pathlib.Path(__file__).resolve().parents[1] / "sparsetrain/gpu/kernels/prune_compress.py").read_text()
 
 
 class _Interpreted:
@@ -56,7 +56,7 @@ class _Interpreted:
 
 
 def _interpreter_worker(inputs, outputs):
-    from sparsetrain.kernels import prune_compress
+    from sparsetrain.gpu.kernels import prune_compress
     results = {}
     for name, (fn, args, kwargs) in torch.load(inputs).items():
         try:
@@ -254,7 +254,7 @@ def test_score_clamp_and_nan_handled_as_masks_does(interpreted):
 def test_rejects_shapes_and_dtypes_it_cannot_lay_out():
     if triton_missing:
         pytest.skip("triton is not installed")
-    from sparsetrain.kernels import prune_compress  # the checks run on the host, before any launch
+    from sparsetrain.gpu.kernels import prune_compress  # the checks run on the host, before any launch
     with pytest.raises(ValueError, match="multiples of 64"):
         prune_compress.prune_compress_transposable(torch.randn(64, 96, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="fp16/bf16"):
@@ -301,7 +301,7 @@ def test_metadata_order_matches_numpy_rederivation(interpreted):
 
 # ------------------------------------------------------------------------------------------ GPU
 def _gpu_kernels():
-    from sparsetrain import kernels
+    from sparsetrain.gpu import kernels
     if not kernels.available():
         pytest.skip("needs Triton and a CUDA GPU")
     if torch.cuda.get_device_capability() != (9, 0):

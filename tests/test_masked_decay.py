@@ -5,7 +5,7 @@ from torch import nn
 
 from sparsetrain.export import network_state, read_checkpoint
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
-from sparsetrain.sparse.modules import SparseLinear
+from sparsetrain.sparse.layers import SparseLinear
 from sparsetrain.sparse.schedules import Phase
 from sparsetrain.training.app import ConfigError, train
 from tests.helpers import TINY, compose_cfg

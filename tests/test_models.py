@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from sparsetrain.training.models import SquaredReLU, create_model
+from sparsetrain.models import SquaredReLU, create_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 
 import pytest
@@ -8,8 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand_block_mask, set_block_level
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
+from sparsetrain.sparse.layers import (Act24Layer, BlockLayer, Semi24Layer, SparseConv1x1, SparseLinear,
+                                      register_layer)
 from sparsetrain.sparse.masks import is_24, is_transposable_24, mask_24, mask_24_transposable
-from sparsetrain.sparse.modules import SparseConv1x1, SparseLinear
 from sparsetrain.sparse.schedules import Phase, PruneSchedule
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
@@ -30,6 +32,33 @@ def test_from_dense_shares_parameters_and_keeps_names():
         SparseLinear(4, 4)
     with pytest.raises(ValueError, match="not a multiple of 4.*leave it dense"):
         SparseLinear.from_dense(nn.Linear(10, 8), Semi24Config(), "odd")
+
+
+@pytest.mark.parametrize("config, pattern_class", [(Semi24Config(), Semi24Layer), (Act24Config(), Act24Layer),
+                                                    (BlockConfig(block_size=8), BlockLayer)])
+def test_from_dense_builds_the_class_registered_for_the_config_type(config, pattern_class):
+    linear = SparseLinear.from_dense(nn.Linear(32, 16), config, "fc")
+    conv = SparseConv1x1.from_dense(nn.Conv2d(32, 16, 1), config, "conv")
+    assert isinstance(linear, pattern_class) and isinstance(linear, nn.Linear)
+    assert isinstance(conv, pattern_class) and isinstance(conv, nn.Conv2d)
+    with pytest.raises(TypeError, match="build it with"):
+        type(conv).from_dense(nn.Linear(32, 16), config, "fc")
+
+
+def test_a_config_type_of_ones_own_gets_the_layer_registered_for_it():
+    @dataclasses.dataclass
+    class RowWise24Config(Semi24Config):
+        transposable: bool = False
+
+    with pytest.raises(TypeError, match="register_layer"):
+        SparseLinear.from_dense(nn.Linear(32, 16), RowWise24Config(), "fc")
+
+    @register_layer(RowWise24Config)
+    class RowWise24Linear(Semi24Layer, SparseLinear):
+        pass
+
+    layer = SparseLinear.from_dense(nn.Linear(32, 16), RowWise24Config(), "fc")
+    assert type(layer) is RowWise24Linear and is_24(layer.mask) and not is_transposable_24(layer.mask)
 
 
 @pytest.mark.parametrize("transposable", [True, False])
@@ -323,7 +352,7 @@ def _kernel_index(layer: SparseLinear):
 
 
 def _assert_index_of_mask(index, layer: SparseLinear) -> None:
-    from sparsetrain.kernels.bsr_matmul import index_from_block_mask
+    from sparsetrain.gpu.kernels.bsr_matmul import index_from_block_mask
     b = layer.sparse_config.block_size
     expected = index_from_block_mask(layer.mask[::b, ::b].contiguous(), b)
     for name in INDEX_TENSORS:

@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
-from sparsetrain.sparse.modules import SparseConv1x1, SparseGemmLayer, SparseLinear
+from sparsetrain.sparse.layers import SparseConv1x1, SparseGemmLayer, SparseLinear
 from sparsetrain.sparse.sparsify import densify_, layer_table, mask_checksum, sparse_modules, sparsify_
 
 VIT_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

@@ -1,53 +1,34 @@
-"""The math of sparse training: masks, backends and autograd functions (no Lightning, no Hydra)."""
-from sparsetrain.sparse.backends import Backend, CuSparseLtBackend, EmulatedBackend, resolve_backend
-from sparsetrain.sparse.functions import activation_sparse_linear, weight_sparse_linear
-from sparsetrain.sparse.layout_sm90 import compress_sm90, decompress_sm90
-from sparsetrain.sparse.masks import is_24, is_transposable_24, mask_24, mask_24_transposable
+"""The math of sparse training: configs, masks, schedules, the sparse layers and their autograd functions (no
+Lightning, no Hydra), with the backends that run the layers' GEMMs (`sparsetrain.gpu`) exported beside them."""
+import importlib
 
-__all__ = [
-    "Backend",
-    "CuSparseLtBackend",
-    "EmulatedBackend",
-    "activation_sparse_linear",
-    "compress_sm90",
-    "decompress_sm90",
-    "is_24",
-    "is_transposable_24",
-    "mask_24",
-    "mask_24_transposable",
-    "resolve_backend",
-    "weight_sparse_linear",
-]
+# Each public name and the module that defines it, imported on first use: the GPU package imports the masks
+# from this package and this package's layers import the GPU package, so importing them all here would make
+# importing either package first fail half-way.
+_SOURCES = {
+    "sparsetrain.gpu.backends": ("Backend", "CuSparseLtBackend", "EmulatedBackend", "resolve_backend"),
+    "sparsetrain.gpu.layout_sm90": ("compress_sm90", "decompress_sm90"),
+    "sparsetrain.sparse.block": ("BlockScoreSTE", "block_mask_from_scores", "block_norms", "expand_block_mask",
+                                 "flip_rate", "set_block_level"),
+    "sparsetrain.sparse.config": ("Act24Config", "BlockConfig", "Semi24Config", "config_from_dict"),
+    "sparsetrain.sparse.functions": ("activation_sparse_linear", "weight_sparse_linear"),
+    "sparsetrain.sparse.masks": ("is_24", "is_transposable_24", "mask_24", "mask_24_transposable"),
+    "sparsetrain.sparse.layers": ("SparseConv1x1", "SparseGemmLayer", "SparseLinear"),
+    "sparsetrain.sparse.schedules": ("Phase", "PruneSchedule"),
+    "sparsetrain.sparse.sparsify": ("LayerRecord", "densify_", "layer_table", "mask_checksum", "sparse_modules",
+                                    "sparsify_"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-# Sparsity transforms, block masks, schedules and the module swap.
-from sparsetrain.sparse.block import (BlockScoreSTE, block_mask_from_scores, block_norms, expand_block_mask, flip_rate,
-                                      set_block_level)
-from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config, config_from_dict
-from sparsetrain.sparse.modules import SparseConv1x1, SparseGemmLayer, SparseLinear
-from sparsetrain.sparse.schedules import Phase, PruneSchedule
-from sparsetrain.sparse.sparsify import (LayerRecord, densify_, layer_table, mask_checksum, sparse_modules,
-                                         sparsify_)
 
-__all__ += [
-    "Act24Config",
-    "BlockConfig",
-    "BlockScoreSTE",
-    "LayerRecord",
-    "Phase",
-    "PruneSchedule",
-    "Semi24Config",
-    "SparseConv1x1",
-    "SparseGemmLayer",
-    "SparseLinear",
-    "block_mask_from_scores",
-    "block_norms",
-    "config_from_dict",
-    "densify_",
-    "expand_block_mask",
-    "flip_rate",
-    "layer_table",
-    "mask_checksum",
-    "set_block_level",
-    "sparse_modules",
-    "sparsify_",
-]
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

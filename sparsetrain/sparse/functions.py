@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from sparsetrain.sparse.backends import Backend, PreparedWeight
+from sparsetrain.gpu.backends import Backend, PreparedWeight
 
 GRAD_MODES = ("ste", "masked", "srste")
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparsetrain.sparse.block_linear import block_sparse_mlp
-from sparsetrain.sparse.modules import SparseGemmLayer, compute_dtype
+from sparsetrain.sparse.layers import BlockLayer, compute_dtype
 
 
 def _is_identity(module: nn.Module) -> bool:
@@ -26,7 +26,7 @@ def _fusable(mlp: nn.Module) -> bool:
 
     if type(mlp) is not Mlp:
         return False
-    block_layers = all(isinstance(fc, SparseGemmLayer) and fc.pattern == "block" for fc in (mlp.fc1, mlp.fc2))
+    block_layers = all(isinstance(fc, BlockLayer) for fc in (mlp.fc1, mlp.fc2))
     exact_gelu = type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
     extras = (mlp.drop1, mlp.norm, mlp.drop2)
     return block_layers and exact_gelu and not mlp.fc1.fuse_gelu and all(map(_is_identity, extras))
@@ -46,7 +46,7 @@ class BlockSparseMlp(nn.Module):
     def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The compute dtype when this forward runs as one node on the kernels, else None."""
         fc1, fc2 = self.fc1, self.fc2
-        if not (torch.is_grad_enabled() and isinstance(fc1, SparseGemmLayer) and isinstance(fc2, SparseGemmLayer)):
+        if not (torch.is_grad_enabled() and isinstance(fc1, BlockLayer) and isinstance(fc2, BlockLayer)):
             return None
         if fc1.grad_mode != fc2.grad_mode or fc1.fuse_gelu:
             return None

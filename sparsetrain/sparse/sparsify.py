@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from sparsetrain.sparse.config import Act24Config, SparsityConfig
-from sparsetrain.sparse.modules import (SparseConv1x1, SparseGemmLayer, SparseLinear, not_a_gemm_reason,
-                                       unsupported_reason)
+from sparsetrain.sparse.layers import (SparseConv1x1, SparseGemmLayer, layer_class, not_a_gemm_reason,
+                                      unsupported_reason)
 
 logger = logging.getLogger("sparsetrain")
 
@@ -166,7 +166,8 @@ def sparsify_(
     exclude: tuple[str, ...] | list[str] = (),
     skip_dense_by_default: bool = True,
 ) -> list[LayerRecord]:
-    """Swap nn.Linear -> SparseLinear and 1x1 nn.Conv2d -> SparseConv1x1 in place.
+    """Swap nn.Linear -> SparseLinear and 1x1 nn.Conv2d -> SparseConv1x1 in place, of the pattern's class
+    (`layer_class`: e.g. Semi24Linear for a Semi24Config).
 
     config: Semi24Config / Act24Config / BlockConfig, or None (everything stays dense; the
         records still list every layer).
@@ -188,8 +189,7 @@ def sparsify_(
             record = LayerRecord(name=name, kind=layer_kind(module), shape=tuple(module.weight.shape),
                                  pattern="dense", backend="dense", reason=f"dense: {reason}")
         else:
-            sparse_cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1
-            sparse = sparse_cls.from_dense(module, config, name)
+            sparse = layer_class(config, module).from_dense(module, config, name)
             setattr(_parent_of(model, name), name.rpartition(".")[2], sparse)
             record = LayerRecord(name=name, kind=sparse.kind, shape=tuple(sparse.weight.shape), pattern=sparse.pattern,
                                  backend=sparse.backend_name, reason=sparse.backend_reason)

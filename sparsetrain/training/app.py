@@ -13,19 +13,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from sparsetrain import kernels
-from sparsetrain.sparse.block_linear import KERNEL_BLOCK_SIZES
-from sparsetrain.sparse.config import BlockConfig, config_from_dict
-from sparsetrain.sparse.fused_mlp import fuse_block_mlps_
+from sparsetrain.gpu import kernels
+from sparsetrain.gpu.backends.block_routes import KERNEL_BLOCK_SIZES
 from sparsetrain.sparse.schedules import PruneSchedule
-from sparsetrain.sparse.sparsify import layer_table, plan_sparsify, sparsify_
+from sparsetrain.sparse.section import build_sparsity, sparsify_arguments
+from sparsetrain.sparse.sparsify import layer_table, plan_sparsify
 from sparsetrain.training.bn_recalibration import BatchNormRecalibration
 from sparsetrain.training.callbacks import (LayerReport, MaskedDecay, MaskSnapshots, SparsityScheduler, WandbRunInfo,
                                             merge_records)
 from sparsetrain.training.checkpoints import (AtomicCheckpointIO, BestCheckpoint, LatestCheckpoint, check_compatible,
                                               load_resume_checkpoint)
 from sparsetrain.training.compile import CompileModel
-from sparsetrain.training.config_schema import check_config, pattern_options
+from sparsetrain.training.config_schema import check_config
 from sparsetrain.training.console import ProgressLines, checkpoint_files, hide_lightning_notices, run_end_block
 from sparsetrain.training.consistency import MaskAgreement
 from sparsetrain.training.cuda_graphs import CudaGraphSteps, config_conflict, graphs_wanted
@@ -124,7 +123,7 @@ def check_model(cfg: DictConfig) -> None:
     with torch.device("meta"):
         model = build(cfg.model, **no_weights)
     if cfg.sparsity.pattern != "dense":
-        config, include, exclude = sparsify_arguments(cfg.sparsity)
+        config, include, exclude = sparsify_arguments(OmegaConf.to_container(cfg.sparsity, resolve=True))
         check_coverage(plan_sparsify(model, config, include=include, exclude=exclude), cfg.sparsity)
 
 
@@ -155,26 +154,6 @@ def check_gpu_backend_possible(backend: str, trainer_cfg: DictConfig, block_size
     if backend == "triton_bsr" and not kernels.available():
         raise ConfigError("sparsity.backend=triton_bsr needs Triton and an sm80+ GPU (Ampere or newer): use "
                           "sparsity.backend=auto, which falls back to masked dense")
-
-
-def sparsify_arguments(sparsity_cfg: DictConfig) -> tuple:
-    """The recipe's `sparsity:` section as sparsify_'s config, include and exclude."""
-    config = config_from_dict(pattern_options(OmegaConf.to_container(sparsity_cfg, resolve=True)))
-    return config, tuple(sparsity_cfg.get("include", ["*"])), tuple(sparsity_cfg.get("exclude", []))
-
-
-def build_sparsity(model: torch.nn.Module, sparsity_cfg: DictConfig) -> list:
-    """Apply the recipe's `sparsity:` section; returns one record per linear/conv layer."""
-    config, include, exclude = sparsify_arguments(sparsity_cfg)
-    records = sparsify_(model, config, include=include, exclude=exclude)
-    if isinstance(config, BlockConfig):
-        # One autograd node per fc1 -> GELU -> fc2 where both run on the kernels: GELU's backward moves into
-        # fc2's input-grad kernel. Same parameters and state-dict keys; elsewhere the layers run one by one.
-        fused = fuse_block_mlps_(model)
-        if fused:
-            log.info("block-sparse MLPs fused into one node where they run on the kernels: %d (%s, ...)",
-                     len(fused), fused[0])
-    return records
 
 
 def total_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
@@ -246,7 +225,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = build(cfg.data)
     model = build(cfg.model)
-    records = build_sparsity(model, cfg.sparsity)
+    records = build_sparsity(model, OmegaConf.to_container(cfg.sparsity, resolve=True))
     module = SparseClassifier(
         model, num_classes=cfg.data.num_classes, optimizer=build(cfg.optim),
         sched=OmegaConf.to_container(cfg.sched, resolve=True), nonfinite=cfg.nonfinite,

@@ -35,7 +35,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from sparsetrain import choice_cache
+from sparsetrain.cache import cache_dir as default_cache_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -426,7 +426,7 @@ class FashionMNISTDataModule(_ImageClassificationDataModule):
         )
         self.root = Path(root).expanduser()
         check_fashion_mnist_files(self.root)
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else choice_cache.cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.augment = augment
         self.subset = subset
         self.val_fraction = val_fraction

@@ -6,7 +6,7 @@ from collections import Counter
 
 from omegaconf import DictConfig
 
-from sparsetrain.sparse.block_linear import KERNEL_BLOCK_SIZES
+from sparsetrain.gpu.backends.block_routes import KERNEL_BLOCK_SIZES
 from sparsetrain.sparse.sparsify import LayerPlan, layer_kind
 from sparsetrain.training.errors import ConfigError
 

@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from sparsetrain.choice_cache import cache_dir
+from sparsetrain.cache import cache_dir
 
 _SOURCE = pathlib.Path(__file__).with_name("cslt_plans.cpp")
 _lock = threading.Lock()

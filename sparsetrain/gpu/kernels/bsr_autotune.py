@@ -6,7 +6,7 @@ key is the operation, the weight's shape, the block size, the dtype, the fused e
 up to a power of two, the kept fraction of blocks rounded to a bucket, the GPU, the Triton version and
 the candidate set. The first call with a new
 key times every candidate on its real operands (`triton.testing.do_bench`, median) and keeps the
-fastest. Choices are kept in memory and in bsr-autotune.json of the cache directory (`sparsetrain.choice_cache`:
+fastest. Choices are kept in memory and in bsr-autotune.json of the cache directory (`sparsetrain.gpu.choice_cache`:
 $SPARSETRAIN_CACHE, default ~/.cache/sparsetrain), so a new process starts tuned.
 
 Timing cannot happen inside CUDA graph capture: there an untuned key runs DEFAULT (and says so
@@ -26,7 +26,7 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from sparsetrain.choice_cache import ChoiceFile, device_label
+from sparsetrain.gpu.choice_cache import ChoiceFile, device_label
 
 logger = logging.getLogger("sparsetrain")
 

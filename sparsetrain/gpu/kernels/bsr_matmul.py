@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sparsetrain.kernels import bsr_autotune
+from sparsetrain.gpu.kernels import bsr_autotune
 
 BLOCK_SIZES = (16, 32, 64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)

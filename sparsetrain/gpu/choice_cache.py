@@ -1,9 +1,9 @@
 """Choices measured on this machine (block-sparse kernel configurations, cuSPARSELt algorithms), kept in
 a JSON file under the cache directory so that a new process starts with them instead of measuring again.
 
-The directory is $SPARSETRAIN_CACHE, default ~/.cache/sparsetrain (the cuSPARSELt plan cache is built
-there too). Each choice's key names the GPU and the library versions it was measured with, so one file
-serves several machines and upgrades. A damaged file costs a new measurement, never a failed run.
+The directory is `sparsetrain.cache.cache_dir()`. Each choice's key names the GPU and the library versions it
+was measured with, so one file serves several machines and upgrades. A damaged file costs a new measurement,
+never a failed run.
 """
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ from typing import Any
 
 import torch
 
+from sparsetrain.cache import cache_dir
+
 logger = logging.getLogger("sparsetrain")
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("SPARSETRAIN_CACHE", pathlib.Path.home() / ".cache" / "sparsetrain"))
 
 
 @functools.cache

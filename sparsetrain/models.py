@@ -119,7 +119,7 @@ def _unknown_model_error(name: str, source: str, candidates: list[str]) -> Value
     suggestion = f"close matches: {', '.join(close)}" if close else "no close match"
     return ValueError(
         f"unknown model {name!r} for model.source={source} ({suggestion}); set model.name to one of those, "
-        f"or list names with timm.list_models('*pattern*') / sparsetrain.training.models.TORCHVISION_RESNETS"
+        f"or list names with timm.list_models('*pattern*') / sparsetrain.models.TORCHVISION_RESNETS"
     )
 
 

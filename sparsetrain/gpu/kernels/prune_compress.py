@@ -1,7 +1,7 @@
 """One Triton pass that prunes a weight to transposable 2:4 and writes it compressed both ways.
 
 For an (m, k) fp16/bf16 matrix W, one program reads one 64 x 64 block (256 tiles of 4 x 4) and
-writes, in cuSPARSELt 0.8's sm90 layout (see `sparsetrain.sparse.layout_sm90`):
+writes, in cuSPARSELt 0.8's sm90 layout (see `sparsetrain.gpu.layout_sm90`):
   - W*mask compressed, as `torch._cslt_compress(W * mask)` returns it;
   - (W*mask)^T compressed, as `torch._cslt_compress((W * mask).t().contiguous())` returns it;
   - optionally the bool mask, and W*mask itself (activations keep it for the weight gradient).

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +41,8 @@ sys.path.insert(0, str(ROOT))
 import tables  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 MODELS = {"l": "vit_l_24", "h": "vit_h_24", "g": "vit_g_24"}  # --models letter -> recipe
-VARIANTS = {
-    "dense": (),
-    "mlp24": ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"),
-    "all24": ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2", "blocks.*.attn.qkv", "blocks.*.attn.proj"),
-}
+# variant -> the sparse_layers option (conf/sparse_layers/) whose layers run 2:4; dense: none
+VARIANTS = {"dense": None, "mlp24": "vit_mlp", "all24": "vit_mlp_attention"}
 FIGURES = ("mlp", "step", "trainpy")
 UNITS = {"mlp": "ms", "step": "ms", "trainpy": "images/s"}
 STEP_TIMED, STEP_WARMUP = 10, 5  # bare loop: steps per repeat, after this many warm-up steps
@@ -72,8 +70,13 @@ def build_vit(settings: dict, variant: str) -> nn.Module:
     model = create_model(settings["model"], num_classes=10, img_size=settings["img_size"],
                          drop_path_rate=settings["drop_path_rate"]).cuda().train()
     if VARIANTS[variant]:
-        sparsify_(model, Semi24Config(), include=VARIANTS[variant])
+        sparsify_(model, Semi24Config(), include=sparse_layers(VARIANTS[variant]))
     return model
+
+
+def sparse_layers(option: str) -> list[str]:
+    """The module-name globs of a sparse_layers option, as train.py applies them."""
+    return yaml.safe_load((ROOT / "conf" / "sparse_layers" / f"{option}.yaml").read_text())["include"]
 
 
 def bare_vit_step(settings: dict, variant: str, cuda_graph: bool = True,
@@ -160,8 +163,7 @@ def model_widths(settings: dict) -> dict:
 
 def train_py_rate(recipe: str, variant: str, settings: dict, root: Path) -> float:
     """One train.py run's steady-state images/s."""
-    include = ",".join(VARIANTS[variant])
-    sparsity = ["sparsity=dense"] if variant == "dense" else [f"sparsity.include=[{include}]"]
+    sparsity = ["sparsity=dense"] if variant == "dense" else [f"sparse_layers={VARIANTS[variant]}"]
     run_name = f"{variant}-{time.monotonic_ns()}"
     cmd = [sys.executable, str(ROOT / "train.py"), f"recipe={recipe}", "data=synthetic", *sparsity,
            f"data.train_size={settings['batch'] * TRAIN_PY_STEPS}", f"data.num_workers={TRAIN_PY_WORKERS}",

@@ -42,6 +42,8 @@ from sparsetrain.sparse.block import block_mask_from_scores, block_norms, expand
 from sparsetrain.sparse.block_linear import fuse_mlp_gelu_  # noqa: E402
 from sparsetrain.sparse.config import BlockConfig  # noqa: E402
 from sparsetrain.sparse.fused_mlp import fuse_block_mlps_  # noqa: E402
+from sparsetrain.sparse.schedules import Phase  # noqa: E402
+from sparsetrain.sparse.sparsify import sparse_modules  # noqa: E402
 
 # bench.py's timer and environment record (scripts/ is on sys.path when a script runs).
 from bench import cuda_event_median_ms  # noqa: E402
@@ -53,6 +55,7 @@ VIT_L = (1024, 4096)
 # sparsity, block, target speedup (None: no target; these rows find where `auto` should stop using the kernels)
 GEMM_SETTINGS = [(0.9, 64, 3.0), (0.8, 64, 2.0), (0.9, 32, 2.0), (0.6, 64, None), (0.5, 64, None), (0.9, 16, None)]
 VIT_TARGET, MLP_TARGET = 1.5, 1.5
+MLP_FROZEN_TARGET = 2.0
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -265,8 +268,10 @@ def _mlp(d: int, h: int) -> nn.Sequential:
 
 
 def section_mlp(env: dict) -> list[dict]:
-    """The MLP training step at 90%/64, magnitude and DRESS masks, each run layer by layer (GELU's backward a
-    pass of its own) and as the fused node (`fuse_block_mlps_`: GELU' in fc2's input-grad kernel)."""
+    """The MLP training step at 90%/64: magnitude and DRESS masks re-picked every step, and a magnitude mask in its
+    frozen phase (final: the index built once, pruned blocks get no weight gradient, so the block-sparse weight
+    gradient computes only the kept blocks). The first two run layer by layer (GELU's backward a pass of its own)
+    and as the fused node (`fuse_block_mlps_`: GELU' in fc2's input-grad kernel); the frozen one fused."""
     d, h = VIT_L
     x = torch.randn(TOKENS, d, device="cuda", dtype=DT, requires_grad=True)
     gout = torch.randn(TOKENS, d, device="cuda", dtype=DT)
@@ -274,27 +279,42 @@ def section_mlp(env: dict) -> list[dict]:
     dense_step = lambda: dense(x).backward(gout)  # noqa: E731
     timings = {"eager": events_ms(dense_step), "graph": graph_ms(dense_step)}
     rows = []
-    for criterion in ("magnitude", "scores"):
-        for fused in (False, True):
-            mlp = copy.deepcopy(dense)
-            sparsify_(mlp, BlockConfig(block_size=64, sparsity=0.9, criterion=criterion), skip_dense_by_default=False)
-            if fused:
-                assert fuse_block_mlps_(mlp) == ["0"]
-            mlp.train()
-            step = lambda: mlp(x).backward(gout)  # noqa: E731
-            error = _dx_error(mlp, x, gout)
-            for mode in ("eager", "graph"):
-                sparse_ms = (events_ms if mode == "eager" else graph_ms)(step)
-                speedup = timings[mode] / sparse_ms
+    variants = [("magnitude", False, False), ("magnitude", True, False), ("scores", False, False),
+                ("scores", True, False), ("magnitude", True, True)]
+    for criterion, fused, frozen in variants:
+        mlp = copy.deepcopy(dense)
+        sparsify_(mlp, BlockConfig(block_size=64, sparsity=0.9, criterion=criterion), skip_dense_by_default=False)
+        if fused:
+            assert fuse_block_mlps_(mlp) == ["0"]
+        mlp.train()
+        if frozen:
+            _freeze_masks(mlp, level=0.9)
+        step = lambda: mlp(x).backward(gout)  # noqa: E731
+        error = _dx_error(mlp, x, gout)
+        for mode in ("eager", "graph"):
+            sparse_ms = (events_ms if mode == "eager" else graph_ms)(step)
+            speedup = timings[mode] / sparse_ms
+            if frozen:
+                what, target = "mask frozen (block-sparse weight grad)", MLP_FROZEN_TARGET
+            else:
                 what = "magnitude mask" if criterion == "magnitude" else "DRESS scores: blocks re-picked every step"
-                how = "fused MLP node (GELU' in fc2's input-grad kernel)" if fused else "layer by layer"
-                row = {"name": f"ViT-L MLP block fwd+bwd, {TOKENS} tokens, 90% sparse, 64x64, {what}, {how}, {mode}",
-                       "dense_ms": timings[mode], "sparse_ms": sparse_ms, "speedup": speedup, "target": MLP_TARGET,
-                       "verdict": verdict(speedup, MLP_TARGET), "dx_rel_err_vs_masked_dense": error,
-                       "backend": mlp[0].fc1.backend_reason}
-                rows.append(row)
-                print_row(row)
+                target = MLP_TARGET
+            how = "fused MLP node (GELU' in fc2's input-grad kernel)" if fused else "layer by layer"
+            row = {"name": f"ViT-L MLP block fwd+bwd, {TOKENS} tokens, 90% sparse, 64x64, {what}, {how}, {mode}",
+                   "dense_ms": timings[mode], "sparse_ms": sparse_ms, "speedup": speedup, "target": target,
+                   "verdict": verdict(speedup, target), "dx_rel_err_vs_masked_dense": error,
+                   "backend": mlp[0].fc1.backend_reason}
+            rows.append(row)
+            print_row(row)
     return rows
+
+
+def _freeze_masks(model: nn.Module, level: float) -> None:
+    """The frozen phase of a gradual schedule: the mask picked once more at the final level, then final."""
+    for step, phase in enumerate((Phase("pruning", True, level, update_mask=True),
+                                  Phase("sparse", True, level, update_mask=False, mask_final=True))):
+        for _, layer in sparse_modules(model):
+            layer.apply_phase(phase, step)
 
 
 def _dx_error(mlp: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> float:

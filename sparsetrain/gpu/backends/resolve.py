@@ -3,11 +3,12 @@ import torch
 
 from sparsetrain.gpu.backends.base import Backend, EmulatedBackend
 from sparsetrain.gpu.backends.cusparselt import COMPRESS_ROUTES, CuSparseLtBackend, check_compress_route
-from sparsetrain.gpu.backends.measured_gain import GAIN_ROWS, semi24_gain
 
 BACKENDS = ("auto", "emulated", "cusparselt")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 CUSPARSELT_DIM_MULTIPLE = 64
+# 2:4 GEMMs gain little below this width on an H100 (`scripts/bench.py --only a`: ViT-B against ViT-L MLP shapes).
+NARROW_LAYER_FEATURES = 1024
 
 
 def _cusparselt_blockers(out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -92,15 +93,12 @@ def resolve_backend(requested: str, out_features: int, in_features: int, device,
                          "or train in bf16-mixed on CUDA")
     if blockers:
         return EmulatedBackend(), "emulated: " + "; ".join(blockers)
-    route, route_clause = _compress_route(compress, device, transposable, activations)
-    backend = CuSparseLtBackend(sparse_input_grad=transposable, compress=route, plans=plans)
-    reason = _cusparselt_reason(transposable, activations)
-    gain = semi24_gain(backend, out_features, in_features, device, dtype) if requested == "auto" and not activations \
-        else None
-    if gain is not None and gain < 1.0:
+    narrowest = min(out_features, in_features)
+    if requested == "auto" and narrowest < NARROW_LAYER_FEATURES:
         return EmulatedBackend(), (
-            f"emulated (masked dense): 2:4 measured {gain:.2f}x of dense at {out_features}x{in_features} on this GPU "
-            f"(prune+compress, forward and input-grad GEMMs, {GAIN_ROWS} rows); sparsity.backend=cusparselt forces it")
-    if gain is not None:
-        reason += f"; measured {gain:.2f}x of dense here"
-    return backend, reason + route_clause
+            f"emulated (masked dense): {narrowest} features is below {NARROW_LAYER_FEATURES}, where cuSPARSELt "
+            "measured no gain on an H100 (ViT-B MLP shapes, scripts/bench.py --only a); sparsity.backend=cusparselt "
+            "forces it")
+    route, route_clause = _compress_route(compress, device, transposable, activations)
+    reason = _cusparselt_reason(transposable, activations) + route_clause
+    return CuSparseLtBackend(sparse_input_grad=transposable, compress=route, plans=plans), reason

@@ -11,6 +11,10 @@ run on the same shapes, bf16:
   step     the bare training step of the whole model: the recipe's model and batch, bf16 autocast, fused AdamW,
            gradient clipping, forward + backward replayed from a graph as train.py's cuda_graph does; ms per step
   trainpy  `python train.py recipe=vit_X_24 data=synthetic ...`: images/s of its steady state (summary.json)
+  block    dense against the block recipe (vit_b_block, vit_l_block: 90% of 64x64 blocks on the MLPs, ramped over
+           the first 30% of the steps, then frozen) through train.py, BLOCK_STEPS steps each, images/s from each
+           run's step_times.csv: the ramp phase and the frozen phase (median step within each, after warm-up and
+           graph capture), and the whole run of a recipe, 30% ramp and 70% frozen, from those two medians
 Each figure is measured `--repeats` times with the variants interleaved (so drift hits them alike); a row holds
 the median, min and max over the repeats, with the commit, date, device and versions. `--table` prints the
 newest row of every (model, figure, variant) as markdown, with the speed-up of each variant over dense of the
@@ -19,6 +23,7 @@ same run; `python scripts/tables.py` puts it into results/speed.md.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import gc
 import json
@@ -28,28 +33,33 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tables  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
-MODELS = {"l": "vit_l_24", "h": "vit_h_24", "g": "vit_g_24"}  # --models letter -> recipe
-VARIANTS = {
-    "dense": (),
-    "mlp24": ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"),
-    "all24": ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2", "blocks.*.attn.qkv", "blocks.*.attn.proj"),
-}
-FIGURES = ("mlp", "step", "trainpy")
-UNITS = {"mlp": "ms", "step": "ms", "trainpy": "images/s"}
+MODELS = {"b": "vit_b_24", "l": "vit_l_24", "h": "vit_h_24", "g": "vit_g_24"}  # --models letter -> recipe
+BLOCK_RECIPES = {"vit_b_24": "vit_b_block", "vit_l_24": "vit_l_block"}  # the `block` figure's recipes
+# variant -> the sparse_layers option (conf/sparse_layers/) whose layers run 2:4; dense: none
+VARIANTS = {"dense": None, "mlp24": "vit_mlp", "all24": "vit_mlp_attention"}
+FIGURES = ("mlp", "step", "trainpy", "block")
+UNITS = {"mlp": "ms", "step": "ms", "trainpy": "images/s", "block": "images/s"}
 STEP_TIMED, STEP_WARMUP = 10, 5  # bare loop: steps per repeat, after this many warm-up steps
 TRAIN_PY_STEPS = 60  # summary.json's steady state is the median step of the second half
 TRAIN_PY_WORKERS = 8  # synthetic images are drawn on the CPU: enough loader workers to keep up with the GPU
+# The `block` figure: steps per run; the block recipes ramp over the first RAMP_FRACTION of them, then freeze.
+BLOCK_STEPS, RAMP_FRACTION = 100, 0.3
+# Steps left out of each phase's median: the first steps (allocators, tuning) and, once frozen, the steps before
+# the frozen phase's CUDA graph replays (it is captured on its second step).
+WARMUP_STEPS, FROZEN_SETTLE_STEPS = 5, 10
 
 
 def recipe_settings(recipe: str) -> dict:
@@ -72,8 +82,13 @@ def build_vit(settings: dict, variant: str) -> nn.Module:
     model = create_model(settings["model"], num_classes=10, img_size=settings["img_size"],
                          drop_path_rate=settings["drop_path_rate"]).cuda().train()
     if VARIANTS[variant]:
-        sparsify_(model, Semi24Config(), include=VARIANTS[variant])
+        sparsify_(model, Semi24Config(), include=sparse_layers(VARIANTS[variant]))
     return model
+
+
+def sparse_layers(option: str) -> list[str]:
+    """The module-name globs of a sparse_layers option, as train.py applies them."""
+    return yaml.safe_load((ROOT / "conf" / "sparse_layers" / f"{option}.yaml").read_text())["include"]
 
 
 def bare_vit_step(settings: dict, variant: str, cuda_graph: bool = True,
@@ -144,7 +159,11 @@ def mlp_block(settings: dict, variant: str) -> Callable[[], float]:
         for _ in range(inner):
             call()
     graph.replay()
-    return lambda: events_ms(graph.replay, 3) / inner
+
+    def timed() -> float:
+        _ = mlp, x, grad  # the graph replays on their memory: this closure keeps them alive as long as it lives
+        return events_ms(graph.replay, 3) / inner
+    return timed
 
 
 def model_widths(settings: dict) -> dict:
@@ -158,19 +177,53 @@ def model_widths(settings: dict) -> dict:
     return {"widths": (fc1.in_features, fc1.out_features), "tokens": settings["batch"] * tokens}
 
 
-def train_py_rate(recipe: str, variant: str, settings: dict, root: Path) -> float:
-    """One train.py run's steady-state images/s."""
-    include = ",".join(VARIANTS[variant])
-    sparsity = ["sparsity=dense"] if variant == "dense" else [f"sparsity.include=[{include}]"]
-    run_name = f"{variant}-{time.monotonic_ns()}"
-    cmd = [sys.executable, str(ROOT / "train.py"), f"recipe={recipe}", "data=synthetic", *sparsity,
-           f"data.train_size={settings['batch'] * TRAIN_PY_STEPS}", f"data.num_workers={TRAIN_PY_WORKERS}",
-           f"trainer.max_steps={TRAIN_PY_STEPS}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+def train_py_run(recipe: str, overrides: list[str], settings: dict, root: Path, steps: int) -> Path:
+    """`python train.py recipe=RECIPE data=synthetic ...` for `steps` steps; returns its run directory."""
+    run_name = f"run-{time.monotonic_ns()}"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"recipe={recipe}", "data=synthetic", *overrides,
+           f"data.train_size={settings['batch'] * steps}", f"data.num_workers={TRAIN_PY_WORKERS}",
+           f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
            "logger=csv", f"paths.root={root}", f"run_name={run_name}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"train.py failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads((root / recipe / run_name / "summary.json").read_text())["images_per_second"]
+    return root / recipe / run_name
+
+
+def train_py_rate(recipe: str, variant: str, settings: dict, root: Path) -> float:
+    """One train.py run's steady-state images/s."""
+    sparsity = ["sparsity=dense"] if variant == "dense" else [f"sparse_layers={VARIANTS[variant]}"]
+    run_dir = train_py_run(recipe, sparsity, settings, root, TRAIN_PY_STEPS)
+    return json.loads((run_dir / "summary.json").read_text())["images_per_second"]
+
+
+def phase_rates(run_dir: Path) -> dict[str, float]:
+    """images/s of a BLOCK_STEPS run's ramp and frozen phases (median step of each, from step_times.csv), and of
+    a whole run made of RAMP_FRACTION ramp and the rest frozen."""
+    with open(run_dir / "step_times.csv") as f:
+        steps = [(int(r["step"]), float(r["seconds"]), int(r["images"])) for r in csv.DictReader(f) if r["seconds"]]
+    ramp_end = round(RAMP_FRACTION * BLOCK_STEPS)
+    ramp = [s for s in steps if WARMUP_STEPS <= s[0] < ramp_end]
+    frozen = [s for s in steps if s[0] >= ramp_end + FROZEN_SETTLE_STEPS]
+    images = statistics.median(n for _, _, n in steps)
+    ramp_s, frozen_s = (statistics.median(sec for _, sec, _ in phase) for phase in (ramp, frozen))
+    whole_s = RAMP_FRACTION * ramp_s + (1 - RAMP_FRACTION) * frozen_s
+    return {"trainpy ramp phase": images / ramp_s, "trainpy frozen phase": images / frozen_s,
+            "trainpy whole run (30% ramp, 70% frozen)": images / whole_s}
+
+
+def measure_block(recipe: str, repeats: int, say) -> dict[str, dict[str, list[float]]]:
+    """{figure: {variant: one value per repeat}}: dense and the block recipe through train.py, interleaved."""
+    settings = recipe_settings(recipe)
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs = {"dense": (recipe, ["sparsity=dense"]), "block": (BLOCK_RECIPES[recipe], [])}
+    with tempfile.TemporaryDirectory() as root:
+        for r in range(repeats):
+            for variant, (name, overrides) in runs.items():
+                for figure, rate in phase_rates(train_py_run(name, overrides, settings, Path(root), BLOCK_STEPS)).items():
+                    values[figure][variant].append(rate)
+                    say(f"  {name} {figure} repeat {r}: {rate:.1f} images/s")
+    return values
 
 
 def measure(recipe: str, figure: str, repeats: int, say) -> dict[str, list[float]]:
@@ -247,15 +300,23 @@ def main() -> int:
     for letter in models:
         recipe = MODELS[letter]
         for figure in figures:
-            values = measure(recipe, figure, args.repeats, lambda line: print(line, flush=True))
-            for variant, xs in values.items():
-                row = {**env, "model": recipe, "figure": figure, "variant": variant, "unit": UNITS[figure],
-                       "median": statistics.median(xs), "min": min(xs), "max": max(xs), "repeats": len(xs),
-                       "values": [round(x, 4) for x in xs]}
-                rows.append(row)
-                args.record.parent.mkdir(parents=True, exist_ok=True)
-                with open(args.record, "a") as f:  # appended as measured: a run stopped midway keeps its rows
-                    f.write(json.dumps(row) + "\n")
+            say = lambda line: print(line, flush=True)  # noqa: E731
+            if figure == "block":
+                if recipe not in BLOCK_RECIPES:
+                    print(f"  {recipe}: no block recipe, no block figure", flush=True)
+                    continue
+                measured = measure_block(recipe, args.repeats, say)
+            else:
+                measured = {figure: measure(recipe, figure, args.repeats, say)}
+            for name, values in measured.items():
+                for variant, xs in values.items():
+                    row = {**env, "model": recipe, "figure": name, "variant": variant, "unit": UNITS[figure],
+                           "median": statistics.median(xs), "min": min(xs), "max": max(xs), "repeats": len(xs),
+                           "values": [round(x, 4) for x in xs]}
+                    rows.append(row)
+                    args.record.parent.mkdir(parents=True, exist_ok=True)
+                    with open(args.record, "a") as f:  # appended as measured: a run stopped midway keeps its rows
+                        f.write(json.dumps(row) + "\n")
             print(table(rows), flush=True)
     return 0
 

@@ -1,6 +1,6 @@
 """GPU timeline of a few training steps: how long the GPU is busy and idle, and what the host was doing in the gaps.
 
-    python scripts/profile_timeline.py OUTDIR LABEL trainpy [--no-stack] [--start N] -- recipe=vit_l_24 data=synthetic ...
+    python scripts/profile_timeline.py OUTDIR LABEL trainpy [--no-stack] [--start N] recipe=vit_l_24 data=synthetic ...
     python scripts/profile_timeline.py OUTDIR LABEL bare [--no-stack] semi24|dense graph|eager
 
 `trainpy` runs train.py in this process and records steps N to N+4 (default 28) with torch.profiler, and prints a
@@ -258,21 +258,28 @@ def _allocator_counts() -> dict:
             "host_allocs": host}
 
 
-def main(argv=None) -> int:
-    global WITH_STACK, START
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="trainpy: train.py overrides after --; bare: semi24|dense graph|eager")
+                                     epilog="trainpy: train.py overrides; bare: semi24|dense graph|eager")
     parser.add_argument("out", type=Path, help="folder for the report and the raw trace")
     parser.add_argument("label", help="names the report: OUT/timeline-LABEL.txt")
     parser.add_argument("mode", choices=("trainpy", "bare"))
     parser.add_argument("rest", nargs="*", help="train.py overrides (trainpy) or SPARSITY MODE (bare)")
     parser.add_argument("--no-stack", action="store_true", help="record torch ops only, not Python stacks")
     parser.add_argument("--start", type=int, default=START, help="first profiled step")
-    args = parser.parse_args(argv)
+    # Intermixed: the options may come after the positionals, and a `--` before the overrides is allowed.
+    args = parser.parse_intermixed_args(argv)
     if args.mode == "bare" and len(args.rest) != 2:
         parser.error("bare takes SPARSITY (semi24|dense) and MODE (graph|eager)")
+    return args
+
+
+def main(argv=None) -> int:
+    global WITH_STACK, START
+    args = parse_args(argv)
     if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
+        print("profile_timeline.py: error: needs a CUDA GPU", file=sys.stderr)
+        return 2
     WITH_STACK, START = not args.no_stack, args.start
     args.out.mkdir(parents=True, exist_ok=True)
     say = Report(args.out / f"timeline-{args.label}.txt", args.label)

@@ -49,11 +49,17 @@ README_SPEED = [
     ("`train.py recipe=vit_l_24`, CUDA graphs (images/s)", "vit_l_24",
      "train.py recipe=vit_l_24 vs the bare loop, cuda-graph (bf16-mixed, batch 64, 6 loader workers)",
      "dense, train.py", "2:4, train.py"),
+    ("2:4 MLP block fwd+bwd at ViT-H/14 widths, batch 64 (graph)", "vit_h_24", "mlp", "dense", "mlp24"),
+    ("2:4 MLP block fwd+bwd at ViT-g/14 widths, batch 32 (graph)", "vit_g_24", "mlp", "dense", "mlp24"),
+    ("2:4 ViT-g/14 bare training step, MLPs 2:4, batch 32 (graph)", "vit_g_24", "step", "dense", "mlp24"),
     ("block-sparse GEMM 1024->4096, 90% of 64x64 blocks", "vit_l", "GEMM 1024->4096 forward, 90% sparse, 64x64",
      "dense", "block-sparse (Triton)"),
     ("block-sparse ViT-L MLP fwd+bwd, 90% of 64x64, fused MLP node (graph)", "vit_l",
      "MLP block fwd+bwd, 12608 tokens, 90% sparse, 64x64, magnitude mask, fused MLP node (GELU' in fc2's input-grad "
      "kernel), graph", "dense", "block-sparse (Triton)"),
+    ("block-sparse ViT-L MLP fwd+bwd, 90% of 64x64, mask frozen: block-sparse weight grad (graph)", "vit_l",
+     "MLP block fwd+bwd, 12608 tokens, 90% sparse, 64x64, mask frozen (block-sparse weight grad), fused MLP node "
+     "(GELU' in fc2's input-grad kernel), graph", "dense", "block-sparse (Triton)"),
     ("block-sparse ViT-L inference, MLPs 90% of 64x64 (graph)", "vit_l",
      "inference, batch 64, MLPs 90% block-sparse (64), GELU fused into fc1, graph", "dense", "block-sparse (Triton)"),
 ]

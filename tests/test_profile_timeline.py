@@ -42,3 +42,12 @@ def test_busy_idle_syncs_and_the_gap_owner_are_read_from_the_trace(tmp_path):
     assert "by: module.py(5): training_step" in text
     assert "host waited in cudaStreamSynchronize (0.04 ms) from: loggers.py(9): log_metrics" in text
     assert "host ran 0.29 ms: module.py(5): training_step" in text
+
+
+def test_options_may_follow_the_mode_with_or_without_a_double_dash():
+    for argv in (["out", "h", "trainpy", "--no-stack", "--start", "40", "--", "recipe=vit_l_24", "data=synthetic"],
+                 ["out", "h", "trainpy", "--no-stack", "--start", "40", "recipe=vit_l_24", "data=synthetic"],
+                 ["--no-stack", "--start", "40", "out", "h", "trainpy", "recipe=vit_l_24", "data=synthetic"]):
+        args = profile_timeline.parse_args(argv)
+        assert (args.no_stack, args.start, args.mode, args.rest) == (True, 40, "trainpy",
+                                                                     ["recipe=vit_l_24", "data=synthetic"]), argv

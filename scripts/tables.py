@@ -65,7 +65,7 @@ README_SPEED = [
 ]
 # The README's accuracy table: (model, method); each shows its newest group (most seeds among the newest).
 README_ACCURACY = [("vit", "semi24"), ("vit", "semi24_prune_trained"), ("vit", "semi24_dense_final"),
-                   ("vit", "block80_mag"), ("vit", "block80_dress"), ("resnet", "semi24"),
+                   ("vit", "block80_mag"), ("vit", "block80_dress"), ("vit", "block80_dress_frozen"), ("resnet", "semi24"),
                    ("resnet", "semi24_prune_trained"), ("resnet", "semi24_dense_final"), ("resnet", "block80_gmp"),
                    ("resnet", "block80_dress_every50")]
 

@@ -2,10 +2,11 @@
 
     python scripts/gpu_tests.py [--logs gpu-test-logs] [--timeout 600] [--record results/gpu-tests.jsonl]
 
-A file is a GPU test file when it marks tests with `pytest.mark.gpu`; each runs as `python -m pytest -q -m gpu FILE`
-in its own process, so a CUDA error that poisons one process cannot fail the files after it. Prints one line per
-file and keeps each file's whole output in the logs folder. Each file's passed / failed / skipped counts become a row
-of the record, with the date, commit, GPU and library versions (`--record ''` records nothing).
+A file under tests/, in any folder, is a GPU test file when it marks tests with `pytest.mark.gpu`; each runs as
+`python -m pytest -q -m gpu FILE` in its own process, so a CUDA error that poisons one process cannot fail the files
+after it. Prints one line per file and keeps each file's whole output in the logs folder. Each file's passed / failed
+/ skipped counts become a row of the record, with the date, commit, GPU and library versions (`--record ''` records
+nothing).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ COUNTS = re.compile(r"(\d+) (passed|failed|skipped|error|errors)\b")
 
 
 def gpu_test_files(tests: Path = ROOT / "tests") -> list[Path]:
-    return sorted(p for p in tests.glob("test_*.py") if "pytest.mark.gpu" in p.read_text())
+    """The test files under `tests`, in every folder, that mark tests with `pytest.mark.gpu`."""
+    return sorted(p for p in tests.rglob("test_*.py") if "pytest.mark.gpu" in p.read_text())
 
 
 def counts(summary: str) -> dict[str, int]:
@@ -55,7 +57,9 @@ def environment() -> dict:
 def run_file(path: Path, logs: Path, timeout: int) -> dict:
     """Run one file's GPU tests; its counts, the command, and the log's last line."""
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(path)]
-    log = logs / f"{path.stem}.log"
+    relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    # Named by its dotted path (tests.gpu.test_backends.log): files in two folders may share a name.
+    log = logs / (".".join(part for part in relative.with_suffix("").parts if part != "/") + ".log")
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         output = done.stdout + done.stderr
@@ -63,7 +67,6 @@ def run_file(path: Path, logs: Path, timeout: int) -> dict:
         output = f"{expired.stdout or ''}\ntimed out after {timeout} s: 1 failed"
     log.write_text(output)
     last = output.strip().splitlines()[-1] if output.strip() else ""
-    relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     return {"command": f"python -m pytest -q -m gpu {relative}", "tests": str(relative), **counts(last), "last": last}
 
 

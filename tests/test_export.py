@@ -281,8 +281,6 @@ def test_gpu_export_loads_onto_the_gpu_kernels_and_matches_training(runs, export
     """An export made by export() loads on CUDA with its sparse layers on the GPU route (2:4: cuSPARSELt with the
     weight compressed at the first forward and reused after; bsr: the block-sparse kernels) and computes, in
     bf16, what the training model computes."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from sparsetrain.sparse import sparse_modules
     run_dir, cfg = runs[pattern]
     x = sample(cfg)

@@ -29,7 +29,7 @@ class CompileModel(L.Callback):
     first, because that choice builds objects and cannot be traced. Phase changes, mask refresh on/off,
     train/eval and DRESS level switches flip Python flags the compiled code is guarded on: each variant
     compiles once, none runs stale code. On the CPU the model stays eager: inductor's CPU compile takes
-    longer than these small runs and gains little (tests/test_compile.py checks the CPU path anyway).
+    longer than these small runs and gains little (tests/training/test_compile.py checks the CPU path anyway).
     """
 
     def __init__(self, mode: str):

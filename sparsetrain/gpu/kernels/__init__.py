@@ -1,5 +1,6 @@
 """Fast-path kernels (Triton) for 2:4 training on Hopper. Each one has a pure-torch reference
-(`sparsetrain.sparse.masks`, `sparsetrain.gpu.layout_sm90`) that it matches bit for bit (see tests/test_kernels.py).
+(`sparsetrain.sparse.masks`, `sparsetrain.gpu.layout_sm90`) that it matches bit for bit (see
+tests/gpu/test_prune_compress.py).
 
 Import is cheap and never fails: where Triton is missing, `available()` says so and the kernel
 functions raise a RuntimeError that names the fallback.

@@ -18,9 +18,10 @@ from sparsetrain.training.data import (
     SyntheticDataModule,
     stage_fashion_mnist,
 )
+from tests.helpers import ROOT
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 
 needs_debian_files = pytest.mark.skipif(
     not all((DEBIAN_FASHION_MNIST / name).is_file() for name in FASHION_MNIST_FILES),

@@ -6,6 +6,7 @@ import torch
 from sparsetrain.sparse import masks
 from sparsetrain.sparse.masks import (TRANSPOSABLE_PATTERNS, is_24, is_transposable_24, mask_24,
                                       mask_24_transposable)
+from tests.gpu_checks import cpu_randn, describe_mismatch
 
 NAN, INF = float("nan"), float("inf")
 
@@ -186,3 +187,31 @@ class TestChecks:
         row_only = torch.tensor([[1, 1, 0, 0]] * 4, dtype=torch.bool)
         assert is_24(row_only) and not is_transposable_24(row_only)
         assert not is_transposable_24(TRANSPOSABLE_PATTERNS[0].flatten())
+
+
+# ---- masks: the GPU decides exactly as the CPU ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (768, 3072), (64, 64)])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_masks_equal_on_cpu_and_gpu(shape, ties):
+    scores = cpu_randn(*shape, seed=shape[0] + shape[1], dtype=torch.bfloat16)
+    if ties:  # few distinct values, signed zeros included
+        scores = (scores * 2).round() * 0.5
+        scores[::7] = -0.0
+    for name, make_mask in (("mask_24", mask_24), ("mask_24_transposable", mask_24_transposable)):
+        for score in (scores.abs(), scores):
+            on_cpu, on_gpu = make_mask(score), make_mask(score.cuda()).cpu()
+            assert torch.equal(on_cpu, on_gpu), f"{name} {shape}: {describe_mismatch(on_gpu, on_cpu)}"
+
+
+@pytest.mark.gpu
+def test_transposable_mask_of_a_big_weight_stays_small():
+    scores = cpu_randn(4096, 4096, seed=1, dtype=torch.bfloat16).cuda().abs()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    mask_24_transposable(scores)
+    torch.cuda.synchronize()
+    extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    assert extra_mib < 512, f"mask_24_transposable of 4096x4096 used {extra_mib:.0f} MiB of GPU memory"

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+import sparsetrain.gpu
 from sparsetrain.gpu.layout_sm90 import compress_sm90
 from sparsetrain.sparse.masks import is_transposable_24, mask_24, mask_24_transposable
 
 triton_missing = importlib.util.find_spec("triton") is None
-KERNEL_SOURCE = (pathlib.Path(__file__).resolve().parents[1] / "sparsetrain/gpu/kernels/prune_compress.py").read_text()
+KERNEL_SOURCE = (pathlib.Path(sparsetrain.gpu.__file__).parent / "kernels" / "prune_compress.py").read_text()
 
 
 class _Interpreted:

@@ -1,9 +1,10 @@
-"""torch.compile of sparse models on the CPU: the compiled step equals the eager one.
+"""torch.compile of sparse models: the compiled step equals the eager one.
 
-The emulated backend runs through inductor for real. The cuSPARSELt path runs on the CPU stand-ins
-of tests/test_backends.py (the GEMM decompresses, the kernel is masks.py + compress_sm90), traced
+On the CPU the emulated backend runs through inductor for real. The cuSPARSELt path runs on the CPU stand-ins
+of tests/gpu/test_backends.py (the GEMM decompresses, the kernel is masks.py + compress_sm90), traced
 with fullgraph=True: any graph break in the sparse layers, the autograd Functions or the custom ops
-of sparse/ops.py fails the test. Recompiles (phase changes) are allowed; wrong numbers are not.
+of gpu/ops.py fails the test. Recompiles (phase changes) are allowed; wrong numbers are not.
+On a CUDA GPU (`gpu`-marked), a 2:4 MLP on the real cuSPARSELt fast path compiles in one graph.
 """
 import copy
 
@@ -18,7 +19,8 @@ from sparsetrain.sparse.config import Act24Config, BlockConfig, Semi24Config
 from sparsetrain.sparse.layers import SparseLinear
 from sparsetrain.sparse.schedules import Phase
 from sparsetrain.sparse.sparsify import sparse_modules, sparsify_
-from tests.test_backends import fake_cusparselt, fake_kernels  # noqa: F401 - pytest fixtures
+from tests.gpu.test_backends import fake_cusparselt, fake_kernels  # noqa: F401 - pytest fixtures
+from tests.gpu_checks import assert_close_rel, cuda_randn, needs_cusparselt, require_route
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -183,3 +185,49 @@ def test_compile_option_is_checked_and_cpu_runs_stay_eager(tmp_path, caplog):
         summary = train(compose_cfg(["recipe=fmnist_vit_24", *TINY, "compile=default"], tmp_path / "cpu"))
     assert summary["global_step"] == 2
     assert any("compile=default skipped: training runs on cpu" in r.getMessage() for r in caplog.records)
+
+
+# ---- on a CUDA GPU: the cuSPARSELt fast path compiles whole ----
+# The fused prune+compress kernel and the plan-cache GEMMs are custom ops, so a 2:4 MLP compiles in one graph
+# (fullgraph=True, inductor) and its training steps equal eager's (masks bit for bit, tensors within bf16 tolerance).
+
+GPU_TOKENS = 4 * 197
+
+
+def cuda_mlp_pair():
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).cuda().bfloat16().train()
+    sparsify_(eager, Semi24Config(backend="cusparselt"), include=("0", "2"))
+    for _, layer in sparse_modules(eager):
+        layer.resolve_backend_for("cuda", torch.bfloat16)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(fullgraph=True)
+    return eager, compiled
+
+
+@pytest.mark.gpu
+@needs_cusparselt
+@pytest.mark.parametrize("frozen", [False, True], ids=["refresh", "frozen_mask"])
+def test_compiled_sparse_mlp_equals_eager(frozen):
+    require_route("kernel", plans=True)
+    eager, compiled = cuda_mlp_pair()
+    for model in (eager, compiled):
+        for _, layer in sparse_modules(model):
+            layer.set_mask_frozen(frozen)
+    x, gy = cuda_randn(GPU_TOKENS, 1024, seed=1), cuda_randn(GPU_TOKENS, 1024, seed=2)
+    for step in range(3):
+        outputs = []
+        for model in (eager, compiled):
+            xi = x.clone().requires_grad_()
+            y = model(xi)
+            y.backward(gy)
+            outputs.append((y.detach(), xi.grad, *(p.grad for p in model.parameters())))
+        for (name, a), (_, b) in zip(sparse_modules(eager), sparse_modules(compiled)):
+            assert torch.equal(a.mask, b.mask), f"step {step} {name}: compiled mask differs"
+        for index, (got, expected) in enumerate(zip(outputs[1], outputs[0])):
+            assert_close_rel(f"step {step} output {index} compiled vs eager", got, expected, limit=2e-2)
+        with torch.no_grad():  # the same new weights in both (their grads differ in rounding), so the next refresh re-prunes
+            for model in (eager, compiled):
+                for index, p in enumerate(model.parameters()):
+                    p.add_(cuda_randn(*p.shape, seed=10 * step + index, scale=0.02))
+                    p.grad = None

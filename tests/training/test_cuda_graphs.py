@@ -19,7 +19,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from sparsetrain.sparse import BlockConfig, Semi24Config, sparse_modules, sparsify_
+from sparsetrain.sparse import Act24Config, BlockConfig, Semi24Config, sparse_modules, sparsify_
 from sparsetrain.training import cuda_graphs
 from sparsetrain.training.app import ConfigError, train, validate_config
 from sparsetrain.training.cuda_graphs import GraphedTraining
@@ -152,6 +152,15 @@ def test_block_levels_are_part_of_the_key():
     model(x)
     model(x)
     assert len(capture.keys) == 2
+
+
+@pytest.mark.parametrize("config", [Semi24Config(), Act24Config(), BlockConfig(block_size=16, sparsity=0.5)],
+                         ids=["semi24", "act24", "block"])
+def test_every_pattern_gives_a_graph_key(config):
+    model = nn.ModuleDict({"mlp": Mlp(64, 128)})  # act24 takes `*mlp.fc2` only
+    sparsify_(model, config, skip_dense_by_default=False)
+    layers = [layer for _, layer in sparse_modules(model)]
+    assert layers and cuda_graphs.graph_key(layers, torch.randn(4, 64)) == cuda_graphs.graph_key(layers, torch.randn(4, 64))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -20,6 +20,12 @@ class Act24Layer(Sparse24Layer):
     prunes_weights = False
     prunes_activations = True
 
+    @property
+    def grad_mode(self) -> str:
+        """The weight is never pruned, so every weight entry gets its whole gradient ("ste" in the other patterns'
+        terms; Act24Config has no grad_mode to choose)."""
+        return "ste"
+
     def _mask_from(self, w: Tensor) -> Tensor:
         return torch.ones_like(self.mask)
 

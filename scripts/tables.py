@@ -138,7 +138,8 @@ def readme_accuracy(rows: list[dict]) -> str:
     out = []
     for model, method in README_ACCURACY:
         mine = [g for g in groups if (g["model"], g["method"]) == (model, method)]
-        g = max(mine, key=lambda g: (g["date"], g["n"]))
+        # The newest of the best-supported groups: several seeds and a dense baseline of the same commit first.
+        g = max(mine, key=lambda g: (g["n"] > 1, g["vs_dense"] is not None, g["date"], g["n"]))
         seeds = ",".join(str(s) for s in g["seed_list"])
         out.append([MODELS[model].removeprefix("Fashion-MNIST "), g["label"], g["device"], g["n"], f"{g['mean']:.4f}",
                     points(g["vs_dense"]), f"`python train.py -m experiment={g['experiment']} seed={seeds}`"])

@@ -14,7 +14,7 @@ run on the same shapes, bf16:
   block    dense against the block recipe (vit_b_block, vit_l_block: 90% of 64x64 blocks on the MLPs, ramped over
            the first 30% of the steps, then frozen) through train.py, BLOCK_STEPS steps each, images/s from each
            run's step_times.csv: the ramp phase and the frozen phase (median step within each, after warm-up and
-           graph capture), and the whole run of a recipe, 30% ramp and 70% frozen, from those two medians
+           graph capture), and the whole run of the recipe (its end_fraction ramping, the rest frozen), from those two medians
 Each figure is measured `--repeats` times with the variants interleaved (so drift hits them alike); a row holds
 the median, min and max over the repeats, with the commit, date, device and versions. `--table` prints the
 newest row of every (model, figure, variant) as markdown, with the speed-up of each variant over dense of the
@@ -55,8 +55,7 @@ UNITS = {"mlp": "ms", "step": "ms", "trainpy": "images/s", "block": "images/s"}
 STEP_TIMED, STEP_WARMUP = 10, 5  # bare loop: steps per repeat, after this many warm-up steps
 TRAIN_PY_STEPS = 60  # summary.json's steady state is the median step of the second half
 TRAIN_PY_WORKERS = 8  # synthetic images are drawn on the CPU: enough loader workers to keep up with the GPU
-# The `block` figure: steps per run; the block recipes ramp over the first RAMP_FRACTION of them, then freeze.
-BLOCK_STEPS, RAMP_FRACTION = 100, 0.3
+BLOCK_STEPS = 100  # the `block` figure's steps per run; the block recipe's end_fraction of them ramp, then freeze
 # Steps left out of each phase's median: the first steps (allocators, tuning) and, once frozen, the steps before
 # the frozen phase's CUDA graph replays (it is captured on its second step).
 WARMUP_STEPS, FROZEN_SETTLE_STEPS = 5, 10
@@ -71,7 +70,7 @@ def recipe_settings(recipe: str) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"recipe={recipe}"])
     return {"model": cfg.model.name, "batch": int(cfg.data.batch_size), "img_size": int(cfg.data.img_size),
-            "drop_path_rate": float(cfg.model.drop_path_rate)}
+            "drop_path_rate": float(cfg.model.drop_path_rate), "ramp_fraction": cfg.prune_schedule.get("end_fraction")}
 
 
 def build_vit(settings: dict, variant: str) -> nn.Module:
@@ -197,30 +196,32 @@ def train_py_rate(recipe: str, variant: str, settings: dict, root: Path) -> floa
     return json.loads((run_dir / "summary.json").read_text())["images_per_second"]
 
 
-def phase_rates(run_dir: Path) -> dict[str, float]:
+def phase_rates(run_dir: Path, ramp_fraction: float) -> dict[str, float]:
     """images/s of a BLOCK_STEPS run's ramp and frozen phases (median step of each, from step_times.csv), and of
-    a whole run made of RAMP_FRACTION ramp and the rest frozen."""
+    a whole run made of `ramp_fraction` ramp (the block recipe's end_fraction) and the rest frozen."""
     with open(run_dir / "step_times.csv") as f:
         steps = [(int(r["step"]), float(r["seconds"]), int(r["images"])) for r in csv.DictReader(f) if r["seconds"]]
-    ramp_end = round(RAMP_FRACTION * BLOCK_STEPS)
+    ramp_end = round(ramp_fraction * BLOCK_STEPS)
     ramp = [s for s in steps if WARMUP_STEPS <= s[0] < ramp_end]
     frozen = [s for s in steps if s[0] >= ramp_end + FROZEN_SETTLE_STEPS]
     images = statistics.median(n for _, _, n in steps)
     ramp_s, frozen_s = (statistics.median(sec for _, sec, _ in phase) for phase in (ramp, frozen))
-    whole_s = RAMP_FRACTION * ramp_s + (1 - RAMP_FRACTION) * frozen_s
+    whole_s = ramp_fraction * ramp_s + (1 - ramp_fraction) * frozen_s
     return {"trainpy ramp phase": images / ramp_s, "trainpy frozen phase": images / frozen_s,
-            "trainpy whole run (30% ramp, 70% frozen)": images / whole_s}
+            f"trainpy whole run ({ramp_fraction:.0%} ramp, {1 - ramp_fraction:.0%} frozen)": images / whole_s}
 
 
 def measure_block(recipe: str, repeats: int, say) -> dict[str, dict[str, list[float]]]:
     """{figure: {variant: one value per repeat}}: dense and the block recipe through train.py, interleaved."""
     settings = recipe_settings(recipe)
+    ramp_fraction = recipe_settings(BLOCK_RECIPES[recipe])["ramp_fraction"]
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     runs = {"dense": (recipe, ["sparsity=dense"]), "block": (BLOCK_RECIPES[recipe], [])}
     with tempfile.TemporaryDirectory() as root:
         for r in range(repeats):
             for variant, (name, overrides) in runs.items():
-                for figure, rate in phase_rates(train_py_run(name, overrides, settings, Path(root), BLOCK_STEPS)).items():
+                run_dir = train_py_run(name, overrides, settings, Path(root), BLOCK_STEPS)
+                for figure, rate in phase_rates(run_dir, ramp_fraction).items():
                     values[figure][variant].append(rate)
                     say(f"  {name} {figure} repeat {r}: {rate:.1f} images/s")
     return values

@@ -35,7 +35,7 @@ def overrides(recipe: str) -> list:
 
 
 def straight_run(recipe: str, tmp_path_factory) -> Path:
-    """The run directory of `recipe` trained STEPS steps without a stop (once per test session)."""
+    """The run directory of `recipe` trained STEPS steps without a stop (trained once per pytest run)."""
     if recipe not in _straight_runs:
         run_dir = tmp_path_factory.mktemp(f"straight-{recipe}")
         train(compose_cfg(overrides(recipe), run_dir))

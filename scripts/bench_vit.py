@@ -14,7 +14,8 @@ run on the same shapes, bf16:
   block    dense against the block recipe (vit_b_block, vit_l_block: 90% of 64x64 blocks on the MLPs, ramped over
            the first 30% of the steps, then frozen) through train.py, BLOCK_STEPS steps each, images/s from each
            run's step_times.csv: the ramp phase and the frozen phase (median step within each, after warm-up and
-           graph capture), and the whole run of the recipe (its end_fraction ramping, the rest frozen), from those two medians
+           graph capture), and the whole run of the recipe (its end_fraction ramping, the rest frozen), from those
+           two medians
 Each figure is measured `--repeats` times with the variants interleaved (so drift hits them alike); a row holds
 the median, min and max over the repeats, with the commit, date, device and versions. `--table` prints the
 newest row of every (model, figure, variant) as markdown, with the speed-up of each variant over dense of the
